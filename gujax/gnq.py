@@ -1,0 +1,161 @@
+"""Gradient uniqueness (GNQ): leave-one-out disclosure of each example in a step.
+
+For per-example gradients g_1..g_N (N = B scored rows + R reference rows) and
+example j,
+
+    S_-j  = sum_{k != j} g_k g_k^T + lam I_P
+    GNQ_j = g_j^T S_-j^{-1} g_j                         (dimensionless, >= 0)
+
+computed in batch space (never a P x P matrix): with K = G G^T and
+M = (K + lam I_N)^{-1}, Sherman-Morrison gives
+
+    GNQ_j = 1 / (lam * M_jj) - 1
+
+which needs one Cholesky factor of K + lam I (O(N^3)) after the O(N^2 P) Gram
+matrix. ``disclosure`` turns GNQ into the Gaussian-channel bound
+d_j = 1/2 log(1 + GNQ_j) nats (see the README for the assumption behind it).
+
+Non-finite gradients: an example whose gradient holds NaN or Inf is dropped
+from K (as if its gradient were zero, so it is not part of anyone's S_-j) and
+its own score is NaN; every other score is what it would be without it.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gujax.grads import batch_size, finite_rows, gram
+
+PyTree = Any
+
+
+def _check_reg(reg) -> None:
+    if isinstance(reg, numbers.Real) and not isinstance(reg, bool):
+        value = float(reg)
+    else:
+        try:  # a concrete array; a tracer cannot be checked and is trusted
+            value = float(reg)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"reg must be a finite number > 0, got {reg!r}")
+
+
+def _check_num_scored(num_scored, n: int) -> int:
+    if num_scored is None:
+        return n
+    if int(num_scored) != num_scored or not 1 <= num_scored <= n:
+        raise ValueError(
+            f"num_scored must be an integer in [1, {n}] (the number of rows), "
+            f"got {num_scored!r}")
+    return int(num_scored)
+
+
+def regulariser(gram_matrix: jax.Array, reg, *, relative: bool = True,
+                valid: jax.Array | None = None) -> jax.Array:
+    """The lam actually used: ``reg`` (absolute, squared-gradient units) or
+    ``reg * trace(K) / N`` over the valid rows (``relative=True``)."""
+    if not relative:
+        return jnp.asarray(reg, gram_matrix.dtype)
+    diag = jnp.diagonal(gram_matrix)
+    if valid is not None:
+        diag = jnp.where(valid, diag, 0)
+        count = jnp.maximum(jnp.sum(valid), 1)
+    else:
+        count = diag.shape[0]
+    return jnp.asarray(reg, gram_matrix.dtype) * jnp.sum(diag) / count
+
+
+def _loo_gnq(k: jax.Array, lam: jax.Array, valid: jax.Array) -> jax.Array:
+    """GNQ for every row of an N x N Gram matrix; invalid rows give NaN."""
+    n = k.shape[0]
+    both = valid[:, None] & valid[None, :]
+    k = jnp.where(both, k, 0)
+    # A zero trace means every valid gradient is zero: any lam gives GNQ = 0,
+    # and 1 keeps the factorisation defined.
+    lam = jnp.where(lam > 0, lam, jnp.ones_like(lam))
+    a = k + lam * jnp.eye(n, dtype=k.dtype)
+    chol = jnp.linalg.cholesky(a)
+    chol_inv = jax.scipy.linalg.solve_triangular(
+        chol, jnp.eye(n, dtype=k.dtype), lower=True)
+    m_diag = jnp.sum(chol_inv * chol_inv, axis=0)  # [L^-T L^-1]_jj
+    scores = 1.0 / (lam * m_diag) - 1.0
+    # Rounding can push an exact zero slightly negative.
+    scores = jnp.maximum(scores, 0)
+    return jnp.where(valid, scores, jnp.nan)
+
+
+def gnq_from_gram(gram_matrix: jax.Array, *, reg, relative: bool = True,
+                  num_scored: int | None = None) -> jax.Array:
+    """Leave-one-out GNQ from a precomputed Gram matrix.
+
+    Args:
+      gram_matrix: (N, N) K_jk = <g_j, g_k>; rows [0, num_scored) are scored,
+        the remaining R = N - num_scored rows are reference examples that
+        enter every S_-j but get no score.
+      reg: the regulariser. With ``relative=True`` lam = reg * trace(K) / N
+        (scale-free); otherwise lam = reg in squared-gradient units (for
+        DP-SGD noise N(0, sigma^2 C^2 I) on the clipped sum, sigma^2 C^2).
+      num_scored: number of scored rows (default: all N).
+
+    Returns:
+      (num_scored,) GNQ, dtype of ``gram_matrix``. NaN for a row whose Gram
+      entries are not finite (its gradient held NaN/Inf); that row is left
+      out of everyone else's S_-j.
+    """
+    k = jnp.asarray(gram_matrix)
+    if k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"gram_matrix must be square (N, N), got shape {k.shape}")
+    n = k.shape[0]
+    if n == 0:
+        raise ValueError("gram_matrix is empty (N = 0)")
+    _check_reg(reg)
+    num_scored = _check_num_scored(num_scored, n)
+    if not jnp.issubdtype(k.dtype, jnp.floating):
+        k = k.astype(jnp.result_type(float))
+    # A non-finite gradient shows on the diagonal; its row and column are then
+    # ignored, and any other row still holding a non-finite entry is dropped.
+    diag_ok = jnp.isfinite(jnp.diagonal(k))
+    valid = diag_ok & jnp.all(jnp.isfinite(k) | ~diag_ok[None, :], axis=1)
+    return _gnq_valid(k, reg, relative, num_scored, valid)
+
+
+def _gnq_valid(k, reg, relative, num_scored, valid):
+    lam = regulariser(jnp.where(valid[:, None] & valid[None, :], k, 0), reg,
+                      relative=relative, valid=valid)
+    return _loo_gnq(k, lam, valid)[:num_scored]
+
+
+def gnq(per_example_grads: PyTree, *, reg, relative: bool = True,
+        num_scored: int | None = None, dtype: Any = None) -> jax.Array:
+    """Leave-one-out GNQ of each example from its per-example gradient.
+
+    Args:
+      per_example_grads: pytree whose leaves have a common leading axis N
+        (output of ``gujax.per_example_grads``, possibly with R reference
+        examples appended after the ``num_scored`` scored ones).
+      reg, relative, num_scored: as in ``gnq_from_gram``.
+      dtype: dtype for the Gram matrix and the solve (``jnp.float64`` with x64
+        enabled gives double-precision GNQ from float32 gradients).
+
+    Returns:
+      (num_scored,) GNQ scores; NaN for an example whose gradient is not
+      finite, which is also excluded from everyone else's S_-j.
+    """
+    n = batch_size(per_example_grads, name="per_example_grads")
+    _check_reg(reg)
+    num_scored = _check_num_scored(num_scored, n)
+    valid = finite_rows(per_example_grads)
+    clean = jax.tree_util.tree_map(
+        lambda g: jnp.where(valid.reshape((n,) + (1,) * (g.ndim - 1)), g, 0),
+        per_example_grads)
+    k = gram(clean, dtype=dtype)
+    return _gnq_valid(k, reg, relative, num_scored, valid)
+
+
+def disclosure(gnq_scores: jax.Array) -> jax.Array:
+    """Per-step disclosure bound d = 1/2 log(1 + GNQ), in nats (NaN stays NaN)."""
+    return 0.5 * jnp.log1p(gnq_scores)
