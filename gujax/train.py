@@ -1,0 +1,404 @@
+"""One trainer for every arm: plain SGD, DP-SGD and the GNQ defenses.
+
+Only the *aggregator* differs between arms: an optax transformation that
+turns per-example gradients into one update (``mean_aggregate``,
+``dpsgd_aggregate``, ``gnq_monitor``, ``gnq_censor``, ``gnq_clip``). A step is
+
+    batch -> gradient stage (per-example grads -> aggregator) -> optimizer
+          -> optax.apply_updates
+
+jitted as one function. The gradient stage is replaceable
+(``train(..., gradient_stage=...)``): any function
+``(params, batch, aggregator_state) -> (update, aggregator_state, metrics)``,
+e.g. a ghost-kernel stage that never materialises per-example gradients.
+
+Runs are deterministic for a fixed ``TrainConfig.seed`` (the batch sampler and
+the augmentation key are functions of (seed, step); DP-SGD noise is seeded by
+the aggregator). With a ``workdir`` a run writes
+
+    workdir/config.json          the TrainConfig (checked on resume)
+    workdir/metrics.jsonl        one JSON record per step
+    workdir/history.jsonl        one JSON record per evaluation (each epoch)
+    workdir/checkpoints/         orbax checkpoints of the whole TrainState
+
+and a killed run restarted with ``resume=True`` continues from its last
+checkpoint, re-running the steps after it, to the same result as an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from gujax.grads import per_example_grads
+from gujax.sampling import fixed_batch, poisson_batch, poisson_padded_size, shuffled_batch
+
+PyTree = Any
+Batch = dict  # {"image": (B,H,W,C), "label": (B,), "id": (B,), "mask": (B,) bool}
+GradientStage = Callable[[PyTree, Batch, PyTree], tuple[PyTree, PyTree, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a run.
+
+    epochs: passes over the data; a pass is N // batch_size steps.
+    batch_size: B for "shuffle" and "fixed"; the expected batch size q N for
+      "poisson" (q = batch_size / N, batches padded to a fixed size).
+    learning_rate, optimizer ("sgd" or "adam"), momentum (sgd only; 0 = none).
+    seed: seeds batch sampling and augmentation.
+    sampling: "shuffle" (epoch-wise permutation), "poisson" or "fixed"
+      (see ``gujax.sampling``; use these two with DP-SGD accounting).
+    eval_every: evaluate every this many epochs (and after the last).
+    checkpoint_every: save a checkpoint every this many steps (and at the end).
+    augment: optional ``augment(key, images (B,H,W,C) float32) -> images``,
+      applied inside the jitted step with a key derived from (seed, step).
+    chunk_size: passed to ``per_example_grads`` (bounds memory).
+    progress: show a tqdm progress bar.
+    eval_batch_size: evaluation batch size.
+    """
+    epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    seed: int = 0
+    sampling: str = "shuffle"
+    eval_every: int = 1
+    checkpoint_every: int = 500
+    augment: Callable | None = None
+    chunk_size: int | None = None
+    progress: bool = True
+    eval_batch_size: int = 1000
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_every", "checkpoint_every",
+                     "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, "
+                                 f"got {value!r}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.sampling not in ("shuffle", "poisson", "fixed"):
+            raise ValueError("sampling must be 'shuffle', 'poisson' or 'fixed', got "
+                             f"{self.sampling!r}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+
+    def to_json(self) -> dict:
+        """The fields that define the run's trajectory (not the bar, not the
+        evaluation/checkpoint cadence), JSON-serialisable."""
+        record = dataclasses.asdict(self)
+        for name in ("progress", "eval_every", "checkpoint_every", "eval_batch_size"):
+            record.pop(name)
+        record["augment"] = None if self.augment is None else getattr(
+            self.augment, "__qualname__", repr(self.augment))
+        return record
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes (and a checkpoint holds)."""
+    step: jax.Array          # () int32, steps taken
+    params: PyTree
+    aggregator_state: PyTree
+    opt_state: PyTree
+
+
+class TrainResult(NamedTuple):
+    params: PyTree
+    aggregator_state: PyTree
+    history: list[dict]      # one record per evaluation (see ``train``)
+
+
+# ----------------------------------------------------------------------------
+# Building blocks.
+
+def softmax_cross_entropy(model) -> Callable[[PyTree, dict], jax.Array]:
+    """``loss(params, example)`` for a Flax Linen classifier: example is
+    ``{"image": (H,W,C) float32, "label": () int}``; returns the scalar loss
+    in nats."""
+    def loss(params, example):
+        logits = model.apply({"params": params}, example["image"][None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])
+    return loss
+
+
+def per_example_stage(loss_fn, aggregator: optax.GradientTransformationExtraArgs, *,
+                      chunk_size: int | None = None) -> GradientStage:
+    """The explicit gradient stage: vmap(grad) per-example gradients, then the
+    aggregator. Metrics: the masked mean loss plus, for a GNQ aggregator, its
+    ``step_metrics()``."""
+    def stage(params, batch, aggregator_state):
+        examples = {"image": batch["image"], "label": batch["label"]}
+        grads = per_example_grads(loss_fn, params, examples, chunk_size=chunk_size)
+        update, aggregator_state = aggregator.update(
+            grads, aggregator_state, params, example_ids=batch["id"], mask=batch["mask"])
+        losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, examples)
+        real = batch["mask"]
+        metrics = {"loss": jnp.sum(jnp.where(real, losses, 0)) / jnp.maximum(jnp.sum(real), 1),
+                   "batch_size": jnp.sum(real)}
+        if hasattr(aggregator_state, "step_metrics"):
+            metrics.update(aggregator_state.step_metrics())
+        return update, aggregator_state, metrics
+    return stage
+
+
+def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    if config.optimizer == "adam":
+        return optax.adam(config.learning_rate)
+    return optax.sgd(config.learning_rate, momentum=config.momentum or None)
+
+
+def _as_float(images: jax.Array) -> jax.Array:
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+def make_train_step(stage: GradientStage, optimizer: optax.GradientTransformation,
+                    *, seed: int, augment: Callable | None = None):
+    """The jitted ``step(state, batch) -> (state, metrics)``."""
+    @jax.jit
+    def step(state: TrainState, batch: Batch):
+        batch = dict(batch, image=_as_float(batch["image"]))
+        if augment is not None:
+            key = jax.random.fold_in(jax.random.key(seed), state.step)
+            batch["image"] = augment(key, batch["image"])
+        update, aggregator_state, metrics = stage(state.params, batch,
+                                                  state.aggregator_state)
+        updates, opt_state = optimizer.update(update, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, aggregator_state, opt_state), metrics
+    return step
+
+
+def _eval_sums(model):
+    """Jitted (sum of loss, number correct) of a batch, compiled once per run."""
+    @jax.jit
+    def sums(params, x, y):
+        logits = model.apply({"params": params}, _as_float(x))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(loss), jnp.sum(jnp.argmax(logits, -1) == y)
+    return sums
+
+
+def evaluate(model, params, images: np.ndarray, labels: np.ndarray, *,
+             batch_size: int = 1000, _sums=None) -> dict:
+    """Mean softmax cross-entropy (nats) and accuracy of ``model`` on a set."""
+    sums = _sums or _eval_sums(model)
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        loss, right = sums(params, images[start:start + batch_size],
+                           labels[start:start + batch_size])
+        total_loss += float(loss)
+        correct += int(right)
+    return {"eval_loss": total_loss / len(labels), "eval_accuracy": correct / len(labels)}
+
+
+def _check_data(data, name="data"):
+    if len(data) != 3:
+        raise ValueError(f"{name} must be (images, labels, ids)")
+    images, labels, ids = (np.asarray(a) for a in data)
+    n = len(images)
+    if n == 0:
+        raise ValueError(f"{name} is empty")
+    if images.ndim < 2 or labels.shape != (n,) or ids.shape != (n,):
+        raise ValueError(f"{name}: images (N, ...), labels (N,), ids (N,) with one N; got "
+                         f"{images.shape}, {labels.shape}, {ids.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name}: labels and ids must be integers")
+    if images.dtype != np.uint8 and not np.all(np.isfinite(images)):
+        raise ValueError(f"{name}: images contain NaN or Inf")
+    if ids.min() < 0:
+        raise ValueError(f"{name}: ids must be >= 0")
+    return images, labels.astype(np.int32), ids.astype(np.int32)
+
+
+def _sampler(config: TrainConfig, n: int) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+    if config.batch_size > n:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {n} training examples")
+    if config.sampling == "poisson":
+        rate = config.batch_size / n
+        size = poisson_padded_size(n, rate)
+        return lambda step: poisson_batch(config.seed, step, n, rate, size)
+    sample = fixed_batch if config.sampling == "fixed" else shuffled_batch
+    return lambda step: sample(config.seed, step, n, config.batch_size)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints. Typed PRNG keys (DP-SGD's noise key) are stored as raw key data.
+
+def _to_saveable(tree):
+    return jax.tree_util.tree_map(
+        lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _from_saveable(saved, like):
+    return jax.tree_util.tree_map(
+        lambda s, l: jax.random.wrap_key_data(s, impl=jax.random.key_impl(l))
+        if _is_key(l) else s, saved, like)
+
+
+def _manager(workdir: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                             enable_async_checkpointing=False))
+
+
+def _read_jsonl(path: str, up_to_step: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if r["step"] <= up_to_step]
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v)
+            for k, v in jax.device_get(metrics).items()}
+
+
+# ----------------------------------------------------------------------------
+
+
+def train(*, params: PyTree, aggregator: optax.GradientTransformationExtraArgs,
+          data, config: TrainConfig, model=None, loss_fn=None, eval_data=None,
+          workdir: str | None = None, resume: bool = True,
+          gradient_stage: GradientStage | None = None) -> TrainResult:
+    """Train ``params`` with per-example aggregation ``aggregator``.
+
+    Args:
+      params: initial parameters (e.g. ``model.init(key, x)["params"]``).
+      aggregator: per-example transformation (``mean_aggregate()``,
+        ``dpsgd_aggregate(...)``, ``gnq_monitor/censor/clip(...)``); its
+        ``num_examples`` must exceed every id.
+      data: (images (N,H,W,C) float32 or uint8, labels (N,) int, ids (N,) int),
+        numpy arrays; ids are the training-set indices the aggregator keys its
+        per-example state by (usually ``arange(N)``).
+      config: ``TrainConfig``.
+      model: Flax Linen module; needed for the default loss and for evaluation.
+      loss_fn: ``loss_fn(params, example) -> scalar`` with example
+        ``{"image": (H,W,C) float32, "label": () int}``; default softmax
+        cross-entropy of ``model``.
+      eval_data: optional (images, labels) evaluated every ``eval_every``
+        epochs and after the last.
+      workdir: where metrics, history and checkpoints go (None: nothing is
+        written and nothing can be resumed).
+      resume: continue from the latest checkpoint in ``workdir`` if any.
+      gradient_stage: replaces ``per_example_stage(loss_fn, aggregator)``.
+
+    Returns:
+      TrainResult(params, aggregator_state, history). Each history record has
+      "epoch", "step", the eval metrics if any, and the last step's metrics.
+    """
+    images, labels, ids = _check_data(data)
+    n = len(labels)
+    if loss_fn is None:
+        if model is None:
+            raise ValueError("give a model (for the default loss) or a loss_fn")
+        loss_fn = softmax_cross_entropy(model)
+    if eval_data is not None:
+        if model is None:
+            raise ValueError("evaluation needs the model")
+        eval_images, eval_labels = (np.asarray(a) for a in eval_data)
+        eval_sums = _eval_sums(model)
+        if len(eval_images) != len(eval_labels) or len(eval_labels) == 0:
+            raise ValueError("eval_data must be (images, labels) of one non-zero length")
+    sample = _sampler(config, n)
+    steps_per_epoch = n // config.batch_size
+    total_steps = config.epochs * steps_per_epoch
+    stage = gradient_stage or per_example_stage(loss_fn, aggregator,
+                                                chunk_size=config.chunk_size)
+    optimizer = _optimizer(config)
+    step_fn = make_train_step(stage, optimizer, seed=config.seed, augment=config.augment)
+    state = TrainState(jnp.zeros((), jnp.int32), params, aggregator.init(params),
+                       optimizer.init(params))
+
+    history: list[dict] = []
+    manager = None
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)
+        config_path = os.path.join(workdir, "config.json")
+        manager = _manager(workdir)
+        latest = manager.latest_step() if resume else None
+        if latest is not None:
+            with open(config_path) as f:
+                saved = json.load(f)
+            current = json.loads(json.dumps(config.to_json()))
+            changed = {k for k in current if k != "epochs" and saved.get(k) != current[k]}
+            if changed:
+                raise ValueError(f"{workdir} holds a run with a different config "
+                                 f"({sorted(changed)}); use another workdir or resume=False")
+            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                              _to_saveable(state))
+            restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+            state = _from_saveable(restored, state)
+        else:
+            for step in manager.all_steps():
+                manager.delete(step)
+        done = int(state.step)
+        with open(config_path, "w") as f:
+            json.dump(config.to_json(), f, indent=1)
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        history_path = os.path.join(workdir, "history.jsonl")
+        # Drop records written after the checkpoint: those steps run again.
+        _write_jsonl(metrics_path, _read_jsonl(metrics_path, done))
+        history = _read_jsonl(history_path, done)
+        _write_jsonl(history_path, history)
+
+    start = int(state.step)
+    metrics = {}
+    for step in tqdm(range(start, total_steps), initial=start, total=total_steps,
+                     disable=not config.progress, desc="train"):
+        rows, mask = sample(step)
+        batch = {"image": images[rows], "label": labels[rows], "id": ids[rows],
+                 "mask": mask}
+        state, metrics = step_fn(state, batch)
+        metrics = {"step": step + 1, **_scalars(metrics)}
+        if workdir is not None:
+            _append_jsonl(metrics_path, metrics)
+        epoch, into_epoch = divmod(step + 1, steps_per_epoch)
+        if into_epoch == 0 and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            record = {"epoch": epoch, **metrics}
+            if eval_data is not None:
+                record.update(evaluate(model, state.params, eval_images, eval_labels,
+                                       batch_size=config.eval_batch_size, _sums=eval_sums))
+            history.append(record)
+            if workdir is not None:
+                _append_jsonl(history_path, record)
+        if manager is not None and ((step + 1) % config.checkpoint_every == 0
+                                    or step + 1 == total_steps):
+            manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    return TrainResult(state.params, state.aggregator_state, history)

@@ -1,0 +1,161 @@
+"""DP-SGD accounting, samplers and the masked DP-SGD aggregation."""
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from dp_accounting import pld, rdp
+
+from gujax.dpsgd import dpsgd_aggregate
+from gujax.privacy import calibrate_noise_multiplier, dp_epsilon
+from gujax.sampling import fixed_batch, poisson_batch, poisson_padded_size, shuffled_batch
+
+ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+
+
+# ---------------------------------------------------------------- accounting
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_poisson_epsilon_matches_dp_accounting(accountant):
+    sigma, q, steps, delta = 1.1, 0.02, 300, 1e-5
+    acc = (rdp.RdpAccountant(neighboring_relation=ADD_REMOVE) if accountant == "rdp"
+           else pld.PLDAccountant(neighboring_relation=ADD_REMOVE))
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+                steps)
+    assert dp_epsilon(sigma, q, steps, delta, accountant=accountant) == pytest.approx(
+        acc.get_epsilon(delta), rel=1e-9)
+
+
+def test_fixed_epsilon_matches_dp_accounting_with_replace_one_sensitivity():
+    sigma, batch, n, steps, delta = 1.1, 20, 1000, 300, 1e-5
+    acc = rdp.RdpAccountant(neighboring_relation=REPLACE_ONE)
+    # Replace-one moves the clipped sum by up to 2C: multiplier sigma / 2.
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+        n, batch, dp_accounting.GaussianDpEvent(sigma / 2)), steps)
+    eps = dp_epsilon(sigma, batch / n, steps, delta, sampling="fixed")
+    assert eps == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+    assert eps > dp_epsilon(sigma, batch / n, steps, delta)  # replace-one costs more
+
+
+def test_epsilon_decreases_with_noise_and_grows_with_steps():
+    eps = [dp_epsilon(s, 0.01, 200, 1e-5) for s in (0.8, 1.0, 1.5)]
+    assert eps[0] > eps[1] > eps[2]
+    assert dp_epsilon(1.0, 0.01, 400, 1e-5) > eps[1]
+
+
+@pytest.mark.parametrize("sampling,accountant", [
+    ("poisson", "rdp"), ("poisson", "pld"), ("fixed", "rdp")])
+def test_calibration_lands_within_one_percent(sampling, accountant):
+    target, q, steps, delta = 3.0, 0.02, 200, 1e-5
+    sigma = calibrate_noise_multiplier(target, q, steps, delta, sampling=sampling,
+                                       accountant=accountant)
+    eps = dp_epsilon(sigma, q, steps, delta, sampling=sampling, accountant=accountant)
+    assert eps <= target * (1 + 1e-6)
+    assert eps >= 0.99 * target
+    # Slightly less noise overshoots the target: sigma is (nearly) the smallest.
+    assert dp_epsilon(0.98 * sigma, q, steps, delta, sampling=sampling,
+                      accountant=accountant) > target
+
+
+def test_accounting_rejects_bad_input():
+    with pytest.raises(ValueError, match="PLD"):
+        dp_epsilon(1.0, 0.01, 10, 1e-5, sampling="fixed", accountant="pld")
+    for args in [(0.0, 0.01, 10, 1e-5), (1.0, 0.0, 10, 1e-5), (1.0, 1.5, 10, 1e-5),
+                 (1.0, 0.01, 0, 1e-5), (1.0, 0.01, 10, 0.0), (float("nan"), 0.01, 10, 1e-5)]:
+        with pytest.raises(ValueError):
+            dp_epsilon(*args)
+    with pytest.raises(ValueError, match="sampling"):
+        dp_epsilon(1.0, 0.01, 10, 1e-5, sampling="shuffle")
+    with pytest.raises(ValueError, match="target_epsilon"):
+        calibrate_noise_multiplier(-1.0, 0.01, 10, 1e-5)
+
+
+# ------------------------------------------------------------------ samplers
+
+def test_poisson_sampler_rate_mask_and_determinism():
+    n, q = 500, 0.05
+    size = poisson_padded_size(n, q)
+    counts = np.zeros(n)
+    sizes = []
+    for step in range(400):
+        ids, mask = poisson_batch(7, step, n, q, size)
+        assert ids.shape == mask.shape == (size,) and mask.dtype == bool
+        real = ids[mask]
+        assert len(np.unique(real)) == len(real)  # no example twice
+        assert np.all(mask[:len(real)]) and not np.any(mask[len(real):])
+        assert np.all(ids[~mask] == 0)
+        counts[real] += 1
+        sizes.append(len(real))
+    rate = counts.sum() / (n * 400)
+    # Binomial(200000, 0.05): standard error 4.9e-4.
+    assert abs(rate - q) < 5 * np.sqrt(q * (1 - q) / (n * 400))
+    assert np.var(sizes) == pytest.approx(n * q * (1 - q), rel=0.3)  # not fixed-size
+    a, b = poisson_batch(7, 3, n, q, size), poisson_batch(7, 3, n, q, size)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], poisson_batch(8, 3, n, q, size)[0])
+
+
+def test_poisson_padded_size_and_overflow_is_not_truncated():
+    from scipy import stats
+    n, q = 1000, 0.1
+    size = poisson_padded_size(n, q, overflow_prob=1e-9)
+    assert stats.binom.sf(size, n, q) <= 1e-9 < stats.binom.sf(size - 1, n, q)
+    with pytest.warns(RuntimeWarning, match="not truncated"):
+        ids, mask = poisson_batch(0, 0, n, q, padded_size=10)
+    assert mask.all() and len(ids) > 10 and len(np.unique(ids)) == len(ids)
+
+
+def test_fixed_and_shuffled_batches():
+    ids, mask = fixed_batch(1, 5, 100, 30)
+    assert ids.shape == (30,) and mask.all() and len(np.unique(ids)) == 30
+    seen = np.concatenate([shuffled_batch(1, s, 103, 10)[0] for s in range(10)])
+    assert len(np.unique(seen)) == 100  # one epoch: each at most once, 3 dropped
+    with pytest.raises(ValueError):
+        fixed_batch(0, 0, 10, 11)
+    with pytest.raises(ValueError):
+        poisson_batch(0, 0, 10, 0.0, 5)
+
+
+# -------------------------------------------------------------------- DP-SGD
+
+def test_dpsgd_without_noise_is_clipped_sum_over_expected_batch():
+    rng = np.random.default_rng(0)
+    g = {"w": jnp.asarray(rng.normal(size=(6, 4, 2)) * 3, jnp.float32)}
+    g["w"] = g["w"].at[4].set(jnp.nan)  # non-finite row: contributes nothing
+    mask = jnp.array([True, True, True, True, True, False])
+    tx = dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=0.0, expected_batch_size=4.0,
+                         seed=0)
+    update, _ = jax.jit(lambda g, s, m: tx.update(g, s, None, example_ids=jnp.arange(6),
+                                                  mask=m))(g, tx.init(None), mask)
+    rows = np.asarray(g["w"], np.float64).reshape(6, -1)
+    expected = np.zeros(8)
+    for j in range(4):  # rows 0..3 real and finite
+        expected += rows[j] * min(1.0, 1.0 / np.linalg.norm(rows[j]))
+    np.testing.assert_allclose(np.asarray(update["w"]).ravel(), expected / 4, rtol=1e-5)
+
+
+def test_dpsgd_noise_has_the_right_scale_and_is_seeded():
+    g = {"w": jnp.zeros((8, 2000))}
+    tx = dpsgd_aggregate(l2_norm_clip=2.0, noise_multiplier=1.5, expected_batch_size=5.0,
+                         seed=3)
+    step = jax.jit(lambda g, s: tx.update(g, s, None, example_ids=jnp.arange(8)))
+    u1, s1 = step(g, tx.init(None))
+    u2, _ = step(g, s1)
+    np.testing.assert_allclose(np.std(np.asarray(u1["w"])), 2.0 * 1.5 / 5.0, rtol=0.05)
+    assert not np.allclose(u1["w"], u2["w"])
+    u1b, _ = step(g, tx.init(None))
+    np.testing.assert_array_equal(u1["w"], u1b["w"])
+    chained = optax.chain(tx, optax.sgd(0.1))
+    chained.update(g, chained.init({"w": jnp.zeros(2000)}), example_ids=jnp.arange(8))
+
+
+def test_dpsgd_rejects_bad_input():
+    with pytest.raises(ValueError, match="l2_norm_clip"):
+        dpsgd_aggregate(l2_norm_clip=0.0, noise_multiplier=1.0, expected_batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=-1.0, expected_batch_size=4, seed=0)
+    tx = dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="mask"):
+        tx.update({"w": jnp.zeros((3, 2))}, tx.init(None), mask=jnp.ones(3))

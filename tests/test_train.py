@@ -1,0 +1,204 @@
+"""The trainer: plumbing against a hand-written step, determinism, resume."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gujax.train as train_module
+from gujax.dpsgd import dpsgd_aggregate
+from gujax.transforms import gnq_censor, mean_aggregate
+from gujax.train import TrainConfig, evaluate, softmax_cross_entropy, train
+
+N = 48
+
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(3)(nn.tanh(nn.Dense(8)(x)))
+
+
+def make_data(seed=0, n=N):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3, 3, 1)).astype(np.float32)
+    y = (x[:, 0, 0, 0] > 0).astype(np.int32) + (x[:, 1, 1, 0] > 1).astype(np.int32)
+    return x, y, np.arange(n, dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = Tiny()
+    data = make_data()
+    params = model.init(jax.random.key(0), data[0][:1])["params"]
+    return model, params, data
+
+
+def leaves_equal(a, b):
+    a, b = train_module._to_saveable(a), train_module._to_saveable(b)  # PRNG keys
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def config(**kw):
+    base = dict(epochs=2, batch_size=12, learning_rate=0.1, checkpoint_every=3,
+                progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_one_step_is_sgd_on_the_batch_mean_gradient(setup):
+    model, params, data = setup
+    cfg = config(epochs=1, batch_size=N)  # one step, the whole (shuffled) set
+    result = train(params=params, aggregator=mean_aggregate(), data=data, config=cfg,
+                   model=model)
+    loss = softmax_cross_entropy(model)
+    batch_loss = lambda p: jnp.mean(jax.vmap(loss, (None, 0))(
+        p, {"image": jnp.asarray(data[0]), "label": jnp.asarray(data[1])}))
+    grad = jax.grad(batch_loss)(params)
+    expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grad)
+    for a, b in zip(jax.tree_util.tree_leaves(result.params),
+                    jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_uint8_images_are_scaled(setup):
+    model, params, _ = setup
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, size=(N, 3, 3, 1), dtype=np.uint8)
+    y, ids = make_data()[1:]
+    cfg = config(epochs=1, batch_size=N)
+    a = train(params=params, aggregator=mean_aggregate(), data=(raw, y, ids), config=cfg,
+              model=model)
+    b = train(params=params, aggregator=mean_aggregate(),
+              data=(raw.astype(np.float32) / 255, y, ids), config=cfg, model=model)
+    for x, z in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(x, z, rtol=1e-6, atol=1e-7)
+
+
+def arms(num_examples=N):
+    return {
+        "censor": (gnq_censor(budget=1.5, num_examples=num_examples, reg=0.1), "shuffle"),
+        "dpsgd": (dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0,
+                                  expected_batch_size=12, seed=5), "poisson"),
+    }
+
+
+@pytest.mark.parametrize("arm", ["censor", "dpsgd"])
+def test_same_seed_same_result_and_killed_run_resumes_identically(setup, arm, tmp_path,
+                                                                  monkeypatch):
+    model, params, data = setup
+    aggregator, sampling = arms()[arm]
+    cfg = config(sampling=sampling)
+    whole = tmp_path / "whole"
+    ref = train(params=params, aggregator=aggregator, data=data, config=cfg, model=model,
+                eval_data=data[:2], workdir=str(whole))
+    again = train(params=params, aggregator=aggregator, data=data, config=cfg, model=model,
+                  eval_data=data[:2])
+    leaves_equal(ref.params, again.params)
+    leaves_equal(ref.aggregator_state, again.aggregator_state)
+
+    # Kill after 5 steps (checkpoints every 3): the process dies mid-run.
+    killed = tmp_path / "killed"
+    real_append = train_module._append_jsonl
+    calls = {"metrics": 0}
+
+    def dying_append(path, record):
+        real_append(path, record)
+        if path.endswith("metrics.jsonl"):
+            calls["metrics"] += 1
+            if calls["metrics"] == 5:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_append_jsonl", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        train(params=params, aggregator=aggregator, data=data, config=cfg, model=model,
+              eval_data=data[:2], workdir=str(killed))
+    assert sorted(os.listdir(killed / "checkpoints")) == ["3"]
+
+    # Resume: only steps 4..8 run again (counted by their metric records).
+    written = []
+    monkeypatch.setattr(train_module, "_append_jsonl", lambda path, record: (
+        written.append(record["step"]) if path.endswith("metrics.jsonl") else None,
+        real_append(path, record)))
+    resumed = train(params=params, aggregator=aggregator, data=data, config=cfg,
+                    model=model, eval_data=data[:2], workdir=str(killed))
+    assert written == [4, 5, 6, 7, 8]
+    leaves_equal(resumed.params, ref.params)
+    leaves_equal(resumed.aggregator_state, ref.aggregator_state)
+    assert resumed.history == ref.history and len(ref.history) == 2
+    for name in ("metrics.jsonl", "history.jsonl"):
+        assert (killed / name).read_text() == (whole / name).read_text()
+    records = [json.loads(l) for l in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    if arm == "censor":
+        assert np.any(np.asarray(ref.aggregator_state.disclosure) > 0)
+    # A finished run resumes to itself without training.
+    done = train(params=params, aggregator=aggregator, data=data, config=cfg, model=model,
+                 eval_data=data[:2], workdir=str(whole))
+    leaves_equal(done.params, ref.params)
+
+
+def test_different_seed_changes_the_run(setup):
+    model, params, data = setup
+    a = train(params=params, aggregator=mean_aggregate(), data=data, config=config(seed=0),
+              model=model)
+    b = train(params=params, aggregator=mean_aggregate(), data=data, config=config(seed=1),
+              model=model)
+    assert not np.allclose(a.params["Dense_0"]["kernel"], b.params["Dense_0"]["kernel"])
+
+
+def test_replaceable_gradient_stage(setup):
+    model, params, data = setup
+
+    def frozen_stage(p, batch, aggregator_state):
+        return jax.tree_util.tree_map(jnp.zeros_like, p), aggregator_state, {"ids": batch["id"].sum()}
+
+    result = train(params=params, aggregator=mean_aggregate(), data=data,
+                   config=config(epochs=1), model=model, gradient_stage=frozen_stage)
+    leaves_equal(result.params, params)
+    assert "ids" in result.history[-1]
+
+
+def test_training_reduces_loss_and_evaluates(setup):
+    model, params, data = setup
+    result = train(params=params, aggregator=mean_aggregate(), data=data,
+                   config=config(epochs=6, optimizer="adam", learning_rate=0.05),
+                   model=model, eval_data=data[:2])
+    first = evaluate(model, params, data[0], data[1])
+    assert result.history[-1]["eval_loss"] < 0.7 * first["eval_loss"]
+    assert 0 <= result.history[-1]["eval_accuracy"] <= 1
+    assert [h["epoch"] for h in result.history] == list(range(1, 7))
+
+
+def test_bad_input_is_rejected(setup, tmp_path):
+    model, params, (x, y, ids) = setup
+    agg = mean_aggregate()
+    with pytest.raises(ValueError, match="one N"):
+        train(params=params, aggregator=agg, data=(x, y[:-1], ids), config=config(),
+              model=model)
+    bad = x.copy()
+    bad[3, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        train(params=params, aggregator=agg, data=(bad, y, ids), config=config(), model=model)
+    with pytest.raises(ValueError, match="integers"):
+        train(params=params, aggregator=agg, data=(x, y.astype(float), ids), config=config(),
+              model=model)
+    with pytest.raises(ValueError, match="exceeds"):
+        train(params=params, aggregator=agg, data=(x, y, ids), config=config(batch_size=99),
+              model=model)
+    with pytest.raises(ValueError, match="loss_fn"):
+        train(params=params, aggregator=agg, data=(x, y, ids), config=config())
+    for kw in [dict(optimizer="rmsprop"), dict(sampling="random"), dict(epochs=0),
+               dict(learning_rate=-1.0), dict(momentum=1.0)]:
+        with pytest.raises(ValueError):
+            config(**kw)
+    # Resuming a workdir with another config is refused.
+    train(params=params, aggregator=agg, data=(x, y, ids), config=config(epochs=1),
+          model=model, workdir=str(tmp_path))
+    with pytest.raises(ValueError, match="different config"):
+        train(params=params, aggregator=agg, data=(x, y, ids),
+              config=config(epochs=1, learning_rate=0.5), model=model, workdir=str(tmp_path))
