@@ -5,7 +5,7 @@ Subpackages: ``gujax.privacy`` (DP accounting), ``gujax.train`` (the trainer),
 ``gujax.data``, ``gujax.models``, ``gujax.audit`` (attacks and memorisation
 measures), ``gujax.ghost`` (GNQ without per-example gradients).
 """
-from gujax import privacy
+from gujax import data, models, privacy
 from gujax.dpsgd import dpsgd_aggregate
 from gujax.gnq import disclosure, gnq, gnq_from_gram, regulariser
 from gujax.grads import batch_size, finite_rows, gram, per_example_grads
@@ -32,6 +32,7 @@ __all__ = [
     "batch_size",
     "censor_policy",
     "clip_policy",
+    "data",
     "disclosure",
     "dpsgd_aggregate",
     "finite_rows",
@@ -42,6 +43,7 @@ __all__ = [
     "gnq_monitor",
     "gram",
     "mean_aggregate",
+    "models",
     "monitor_policy",
     "per_example_grads",
     "policy_transformation",
