@@ -5,7 +5,7 @@ Subpackages: ``gujax.privacy`` (DP accounting), ``gujax.train`` (the trainer),
 ``gujax.data``, ``gujax.models``, ``gujax.audit`` (attacks and memorisation
 measures), ``gujax.ghost`` (GNQ without per-example gradients).
 """
-from gujax import data, models, privacy
+from gujax import data, ghost, models, privacy
 from gujax.dpsgd import dpsgd_aggregate
 from gujax.gnq import disclosure, gnq, gnq_from_gram, regulariser
 from gujax.grads import batch_size, finite_rows, gram, per_example_grads
@@ -36,6 +36,7 @@ __all__ = [
     "disclosure",
     "dpsgd_aggregate",
     "finite_rows",
+    "ghost",
     "gnq",
     "gnq_censor",
     "gnq_clip",

@@ -11,17 +11,25 @@ clipping to C, Gaussian noise N(0, sigma^2 C^2 I) on the sum) so that
 
 It takes the same keywords as the GNQ transformations (``example_ids`` is
 accepted and ignored), so the trainer can swap one for the other.
+
+``dpsgd_monitor`` is the same aggregation plus a GNQ disclosure ledger
+(``gujax.transforms.GnqState``) over the *clipped* per-example gradients with
+the absolute floor lam = sigma^2 C^2: the injected noise N(0, sigma^2 C^2 I)
+is exactly such an isotropic floor (DESIGN section 1), so DP-SGD runs are
+audited on the same footing as plain SGD and the GNQ defenses.
 """
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gujax.grads import batch_size, finite_rows
+from gujax.grads import batch_size, finite_rows, gram as gram_matrix
+from gujax.transforms import GnqState, check_example_ids, monitor_policy
 
 
 def dpsgd_aggregate(*, l2_norm_clip: float, noise_multiplier: float,
@@ -72,3 +80,106 @@ def dpsgd_aggregate(*, l2_norm_clip: float, noise_multiplier: float,
         return jax.tree_util.tree_map(lambda u: u * scale, noisy_mean), state
 
     return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+class DpsgdMonitorState(NamedTuple):
+    """State of ``dpsgd_monitor``.
+
+    ledger: the GNQ disclosure ledger (``GnqState``), per training example.
+    key: the noise PRNG key (split at every step).
+    noise_multiplier: () float32, sigma. Kept in the state rather than in the
+      compiled step, so runs that differ only in sigma (shadow models with
+      slightly different training-set sizes) share one compiled step.
+    """
+    ledger: GnqState
+    key: jax.Array
+    noise_multiplier: jax.Array
+
+    def step_metrics(self) -> dict[str, jax.Array]:
+        """The ledger's per-step scalars (see ``GnqState.step_metrics``)."""
+        return self.ledger.step_metrics()
+
+
+def clip_factors(per_example, l2_norm_clip: float) -> jax.Array:
+    """min(1, C / ||g_j||) per row (B,), ||.|| the L2 norm over all leaves;
+    a zero gradient gets factor 1."""
+    b = batch_size(per_example, name="per-example gradients")
+    sq = sum(jnp.sum(jnp.square(jnp.reshape(g, (b, -1))), axis=1)
+             for g in jax.tree_util.tree_leaves(per_example))
+    norms = jnp.sqrt(sq)
+    return jnp.where(norms > l2_norm_clip, l2_norm_clip / jnp.where(norms > 0, norms, 1), 1.0)
+
+
+def dpsgd_monitor(*, l2_norm_clip: float, noise_multiplier: float,
+                  expected_batch_size: float, seed: int, num_examples: int,
+                  dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+    """DP-SGD aggregation with a per-example GNQ disclosure ledger.
+
+    The update is DP-SGD's: (sum_j clip(g_j) + N(0, sigma^2 C^2 I)) /
+    expected_batch_size, over the real, finite rows (as ``dpsgd_aggregate``;
+    the noise stream differs from it). The ledger is ``gnq_monitor``'s,
+    charged on the clipped gradients with the absolute floor lam = sigma^2 C^2:
+
+        GNQ_j = clip(g_j)^T (sum_{k != j} clip(g_k) clip(g_k)^T + sigma^2 C^2 I)^-1 clip(g_j)
+
+    computed as the GNQ of K / (sigma C)^2 with lam = 1 (GNQ is invariant to
+    scaling K and lam together). Since ||clip(g_j)|| <= C, one step discloses
+    at most 1/2 log(1 + 1/sigma^2) nats about any example.
+
+    Args: as ``dpsgd_aggregate`` (noise_multiplier must be > 0: it is the
+      ledger's floor), plus
+      num_examples: size of the ledger (example ids lie in [0, num_examples)).
+      dtype: dtype of the Gram matrix and solve (``jnp.float64`` with x64).
+
+    update(per_example_grads, state, params=None, *, example_ids, mask=None):
+      per_example_grads: leaves (B, *param.shape); example_ids (B,) int;
+      mask (B,) bool, False for padding rows. Returns (update, new state).
+    """
+    for name, value in (("l2_norm_clip", l2_norm_clip), ("noise_multiplier", noise_multiplier),
+                        ("expected_batch_size", expected_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0 (dpsgd_monitor's ledger "
+                             f"needs a noise floor), got {value!r}")
+    policy = monitor_policy(num_examples=num_examples, reg=1.0, relative=False)
+
+    def init(params):
+        del params
+        return DpsgdMonitorState(policy.init(), jax.random.key(seed),
+                                 jnp.asarray(noise_multiplier, jnp.float32))
+
+    def update(updates, state, params=None, *, example_ids=None, mask=None, **extra):
+        del params, extra
+        b = batch_size(updates, name="per-example gradients")
+        check_example_ids(example_ids, b, state.ledger.disclosure.shape[0])
+        keep = finite_rows(updates)
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            if mask.shape != (b,) or mask.dtype != jnp.bool_:
+                raise ValueError(f"mask must be a ({b},) bool array, got "
+                                 f"{mask.dtype} {mask.shape}")
+            keep = keep & mask
+        zeroed = jax.tree_util.tree_map(
+            lambda g: jnp.where(keep.reshape((b,) + (1,) * (g.ndim - 1)), g, 0), updates)
+        c = clip_factors(zeroed, l2_norm_clip)
+        k = gram_matrix(zeroed, dtype=dtype)
+        floor = jnp.square(state.noise_multiplier * l2_norm_clip).astype(k.dtype)
+        scaled = k * (c[:, None] * c[None, :]).astype(k.dtype) / floor
+        # A non-finite row gets a NaN diagonal: the policy leaves it out of
+        # every S_-j, as it is left out of the sum.
+        nonfinite = ~finite_rows(updates)
+        scaled = scaled.at[jnp.arange(b), jnp.arange(b)].set(
+            jnp.where(nonfinite, jnp.nan, jnp.diagonal(scaled)))
+        _, ledger = policy.weights(scaled, example_ids, mask, state.ledger)
+
+        key, noise_key = jax.random.split(state.key)
+        leaves, treedef = jax.tree_util.tree_flatten(zeroed)
+        noise_keys = jax.random.split(noise_key, len(leaves))
+        std = state.noise_multiplier * l2_norm_clip
+        out = [(jnp.tensordot(c.astype(g.dtype), g, axes=1)
+                + std.astype(g.dtype) * jax.random.normal(nk, g.shape[1:], g.dtype))
+               / expected_batch_size for g, nk in zip(leaves, noise_keys)]
+        return (jax.tree_util.tree_unflatten(treedef, out),
+                DpsgdMonitorState(ledger, key, state.noise_multiplier))
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -18,6 +18,7 @@ not directly comparable.
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 
@@ -61,6 +62,20 @@ def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int, *,
         step = dp_accounting.SampledWithoutReplacementDpEvent(
             1, sample_rate, gaussian(noise_multiplier / 2))
     return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+class _QuietNonConvergence(logging.Filter):
+    """dp_accounting warns, once per RDP order, when its series for a
+    fractional order does not converge at a small sigma. The order is then
+    left out, which can only raise epsilon (still an upper bound), and the
+    calibration's bisection visits such sigmas by design: hundreds of lines
+    that say nothing about the final result."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_compute_log_a_frac failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietNonConvergence())
 
 
 def _accountant(sampling: str, accountant: str) -> dp_accounting.PrivacyAccountant:

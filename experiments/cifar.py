@@ -1,0 +1,60 @@
+"""The privacy/utility comparison on CIFAR-10: DP-SGD against the GNQ defenses.
+
+    python -m experiments.cifar --preset cpu --data-dir /tmp/data/cifar10   # ~1 h, 2 CPU cores
+    python -m experiments.cifar --preset paper        # full CIFAR-10, WRN-16-4: for a GPU
+    python -m experiments.cifar --preset smoke --data-dir DIR   # minutes; what the tests run
+
+The data comes through ``gujax.data.load("cifar10", ...)``: TFDS by default
+(prepared beforehand, gujax never downloads), or ``--data-dir`` pointing at an
+image folder ``DIR/{train,test}/<class>/<image>`` or the CIFAR python batches.
+Any preset value can be overridden, e.g. ``--num-models 16 --epochs 30``.
+See ``experiments/comparison.py`` for the outputs.
+"""
+from experiments.comparison import main as run_comparison
+
+# The DP-SGD literature's CIFAR-10 setting (De et al. 2022 train WRN-16-4 with
+# GroupNorm, augmentation and large batches); LiRA needs many shadow models
+# (Carlini et al. use 64-256).
+_PAPER = dict(
+    model="wrn", hidden=[512], widths=[32, 64, 128], depth=16, width=4,
+    pool_size=0, population_size=0,
+    num_models=64, epochs=60, batch_size=256, learning_rate=0.5, optimizer="sgd",
+    momentum=0.9, augment=True, method="ghost",
+    query_augmentations=["identity", "flip"], attack_augmentations=["identity", "flip"],
+    reg=0.1, delta=1e-5, clip_norm=1.0,
+    arms=["sgd", "dpsgd:eps=1", "dpsgd:eps=3", "dpsgd:eps=8",
+          "censor:tau=2", "censor:tau=8", "censor:tau=32", "clip:max_step=0.05"],
+    seed=0, checkpoint_every=500, step_progress=True,
+    note="Paper preset: full CIFAR-10 train split as the membership pool (each model "
+         "trains on a random half), WRN-16-4 with GroupNorm, 64 shadow models per arm.")
+
+PRESETS = {
+    "paper": _PAPER,
+    # What fits in about an hour on a 2-core CPU: every reduction is stated in
+    # the note, which is printed with the table.
+    "cpu": dict(_PAPER, model="smallcnn", widths=[16, 32, 64], pool_size=4000,
+                population_size=2000, num_models=6, epochs=15, batch_size=128,
+                learning_rate=0.2, momentum=0.9, augment=False, step_progress=False,
+                arms=["sgd", "dpsgd:eps=1", "dpsgd:eps=3", "dpsgd:eps=8",
+                      "censor:tau=2", "censor:tau=8", "clip:max_step=0.05"],
+                note="CPU preset, reduced from the paper setting: a random 4,000-image "
+                     "subset of the train split as the membership pool (each model trains "
+                     "on ~2,000), 2,000 test images, SmallCNN (16-32-64 channels, GroupNorm) "
+                     "instead of WRN-16-4, 15 epochs without augmentation, 6 shadow models "
+                     "per arm (LiRA with 5 shadows and a global variance), 7 arms."),
+    "smoke": dict(_PAPER, model="smallcnn", widths=[8, 16], pool_size=200,
+                  population_size=100, num_models=4, epochs=2, batch_size=50,
+                  learning_rate=0.1, momentum=0.0, augment=True, step_progress=False,
+                  checkpoint_every=10_000,
+                  arms=["sgd", "dpsgd:eps=3", "censor:tau=2", "clip:max_step=0.05"],
+                  note="Smoke preset: 200 images, 4 models, 2 epochs; a plumbing check, "
+                       "not a measurement."),
+}
+
+
+def main(argv=None):
+    return run_comparison(argv, dataset="cifar10", presets=PRESETS, default_preset="cpu")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Training arms: what each compared algorithm is, and the one place it becomes
+the trainer's aggregator (and gradient stage).
+
+An ``Arm`` is a small, hashable description of a training algorithm:
+
+    sgd       plain SGD (mean gradient), audited by ``gnq_monitor``
+    dpsgd     DP-SGD at a target (epsilon, delta), sigma calibrated for the
+              Poisson sampler the arm trains with; audited by ``dpsgd_monitor``
+              (ledger on the clipped gradients, lam = sigma^2 C^2)
+    censor    the GNQ defense (``gnq_censor``, retire policy) at budget tau nats
+    clip      GNQ clipping (``gnq_clip``) at a per-step cap s nats
+
+Every arm keeps a per-example disclosure ledger (``gujax.transforms.GnqState``),
+so all arms report D_j on the same footing. The sgd, censor and clip arms
+share one GNQ regulariser ``reg`` (relative by default); DP-SGD's floor is
+its own noise.
+
+Arms are written on the command line as ``kind[:key=value,...]``, e.g.
+``sgd``, ``dpsgd:epsilon=3``, ``censor:budget=4,reg=0.5``, ``clip:max_step=0.05``
+(see ``parse_arm``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import optax
+
+from gujax.dpsgd import DpsgdMonitorState, dpsgd_monitor
+from gujax.privacy import calibrate_noise_multiplier, dp_epsilon
+from gujax.ghost import gnq_stage
+from gujax.transforms import (GnqState, censor_policy, clip_policy, monitor_policy,
+                              policy_transformation)
+
+KINDS = ("sgd", "dpsgd", "censor", "clip")
+METHODS = ("ghost", "explicit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One training algorithm of a comparison.
+
+    kind: one of ``KINDS``.
+    reg: GNQ regulariser of the ledger (sgd, censor, clip); with ``relative``
+      it is rho in lam = rho * trace(K) / B, else lam in squared gradient units.
+    epsilon, delta: DP-SGD's target; clip_norm: its C (gradient L2 units).
+    budget: censor's tau, nats per example over training.
+    max_step: clip's cap on one step's disclosure, nats.
+    learning_rate: overrides the run's learning rate for this arm (None: keep).
+    """
+    kind: str
+    reg: float = 0.1
+    relative: bool = True
+    epsilon: float | None = None
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    budget: float | None = None
+    max_step: float | None = None
+    learning_rate: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"arm kind must be one of {KINDS}, got {self.kind!r}")
+        needed = {"dpsgd": "epsilon", "censor": "budget", "clip": "max_step"}.get(self.kind)
+        if needed and getattr(self, needed) is None:
+            raise ValueError(f"a {self.kind} arm needs {needed}=...")
+        for name in ("reg", "clip_norm", "epsilon", "budget", "max_step", "learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"arm {name} must be a finite number > 0, got {value!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"arm delta must be in (0, 1), got {self.delta!r}")
+
+    @property
+    def name(self) -> str:
+        """Short label for tables and plots, e.g. ``dpsgd eps=3``."""
+        label = {"sgd": lambda: "sgd", "dpsgd": lambda: f"dpsgd eps={self.epsilon:g}",
+                 "censor": lambda: f"gnq-censor tau={self.budget:g}",
+                 "clip": lambda: f"gnq-clip s={self.max_step:g}"}[self.kind]()
+        if self.kind != "dpsgd" and self.reg != 0.1:
+            label += f" reg={self.reg:g}"
+        if self.learning_rate is not None:
+            label += f" lr={self.learning_rate:g}"
+        return label
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe form of ``name``."""
+        return "".join(c if c.isalnum() or c in ".-" else "_" for c in self.name)
+
+    @property
+    def sampling(self) -> str:
+        """The batch sampler: Poisson for DP-SGD (what its accounting assumes),
+        epoch-wise shuffling otherwise."""
+        return "poisson" if self.kind == "dpsgd" else "shuffle"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+_FIELD_TYPES = {"reg": float, "relative": lambda v: v.lower() in ("1", "true", "yes"),
+                "epsilon": float, "eps": float, "delta": float, "clip_norm": float,
+                "budget": float, "tau": float, "max_step": float, "lr": float,
+                "learning_rate": float}
+_ALIASES = {"eps": "epsilon", "tau": "budget", "lr": "learning_rate"}
+
+
+def parse_arm(text: str, **defaults) -> Arm:
+    """``"kind[:key=value,...]"`` -> Arm; ``defaults`` (e.g. reg=0.3) apply
+    unless the text sets the key. Keys: the ``Arm`` fields, with the aliases
+    eps, tau, lr."""
+    kind, _, rest = text.strip().partition(":")
+    fields = dict(defaults)
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in _FIELD_TYPES:
+            raise ValueError(f"bad arm option {item!r} in {text!r}; keys: "
+                             f"{sorted(_FIELD_TYPES)}")
+        try:
+            fields[_ALIASES.get(key, key)] = _FIELD_TYPES[key](value.strip())
+        except ValueError as err:
+            raise ValueError(f"bad value in arm option {item!r}: {err}") from None
+    return Arm(kind=kind, **fields)
+
+
+class Pipeline(NamedTuple):
+    """What the trainer needs for one arm on one training set.
+
+    aggregator: per-example optax transformation (its state holds the ledger).
+    gradient_stage: None for the explicit vmap(grad) stage, or a stage for
+      ``train(..., gradient_stage=...)``.
+    sampling: the ``TrainConfig.sampling`` the arm must train with.
+    noise_multiplier: sigma (DP-SGD), else None.
+    epsilon: the accounted epsilon at ``delta`` for the run (DP-SGD), else None.
+    """
+    aggregator: optax.GradientTransformationExtraArgs
+    gradient_stage: Callable | None
+    sampling: str
+    noise_multiplier: float | None
+    epsilon: float | None
+
+
+@functools.lru_cache(maxsize=256)
+def dp_calibration(epsilon: float, delta: float, sample_rate: float, steps: int
+                   ) -> tuple[float, float]:
+    """(sigma, accounted epsilon) for ``steps`` Poisson-sampled DP-SGD steps at
+    ``sample_rate``: the smallest sigma whose RDP epsilon is <= the target."""
+    sigma = calibrate_noise_multiplier(epsilon, sample_rate, steps, delta, sampling="poisson")
+    return sigma, dp_epsilon(sigma, sample_rate, steps, delta, sampling="poisson")
+
+
+def build_pipeline(arm: Arm, *, loss_fn: Callable, train_size: int, batch_size: int,
+                   epochs: int, seed: int, num_examples: int | None = None,
+                   method: str = "ghost", dtype: Any = None) -> Pipeline:
+    """The aggregator (and gradient stage) that trains ``arm`` on a set of
+    ``train_size`` examples for ``epochs`` passes of ``train_size //
+    batch_size`` steps (as ``gujax.train`` does).
+
+    num_examples: size of the ledger, i.e. the example ids lie in
+      [0, num_examples) (default ``train_size``). Shadow models pass the pool
+      size with ids = pool positions, so that every model of an arm has the
+      same state shapes and the compiled step is reused.
+
+    method: the gradient engine. "ghost" (default): the Gram matrix and the
+      update come from ``gujax.ghost`` (one batch backward pass, no
+      per-example gradients materialised; exact, and much faster on dense
+      models); "explicit": vmap(grad) per-example gradients. Both give the
+      same training run to rounding (tests/test_arms.py).
+
+    This is the one place where an arm's gradient engine is chosen.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    num_examples = train_size if num_examples is None else num_examples
+    if not 0 < batch_size <= train_size <= num_examples:
+        raise ValueError(f"need 0 < batch_size ({batch_size}) <= train_size ({train_size}) "
+                         f"<= num_examples ({num_examples})")
+    if arm.kind == "dpsgd":
+        rate = batch_size / train_size
+        steps = epochs * (train_size // batch_size)
+        sigma, eps = dp_calibration(arm.epsilon, arm.delta, rate, steps)
+        aggregator = dpsgd_monitor(l2_norm_clip=arm.clip_norm, noise_multiplier=sigma,
+                                   expected_batch_size=batch_size, seed=seed,
+                                   num_examples=num_examples, dtype=dtype)
+        return Pipeline(aggregator, None, arm.sampling, sigma, eps)
+    common = dict(num_examples=num_examples, reg=arm.reg, relative=arm.relative)
+    if arm.kind == "sgd":
+        policy = monitor_policy(**common)
+    elif arm.kind == "censor":
+        policy = censor_policy(budget=arm.budget, policy="retire", **common)
+    else:
+        policy = clip_policy(max_step_disclosure=arm.max_step, **common)
+    aggregator = policy_transformation(policy, dtype=dtype)
+    stage = gnq_stage(loss_fn, policy, dtype=dtype) if method == "ghost" else None
+    return Pipeline(aggregator, stage, arm.sampling, None, None)
+
+
+def ledger(aggregator_state) -> GnqState:
+    """The per-example disclosure ledger inside an arm's aggregator state."""
+    if isinstance(aggregator_state, GnqState):
+        return aggregator_state
+    if isinstance(aggregator_state, DpsgdMonitorState):
+        return aggregator_state.ledger
+    raise ValueError(f"no disclosure ledger in a {type(aggregator_state).__name__}")
