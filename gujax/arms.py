@@ -30,7 +30,7 @@ import optax
 
 from gujax.dpsgd import DpsgdMonitorState, dpsgd_monitor
 from gujax.privacy import calibrate_noise_multiplier, dp_epsilon
-from gujax.ghost import gnq_stage
+from gujax.ghost import dpsgd_monitor_stage, gnq_stage
 from gujax.transforms import (GnqState, censor_policy, clip_policy, monitor_policy,
                               policy_transformation)
 
@@ -185,7 +185,10 @@ def build_pipeline(arm: Arm, *, loss_fn: Callable, train_size: int, batch_size: 
         aggregator = dpsgd_monitor(l2_norm_clip=arm.clip_norm, noise_multiplier=sigma,
                                    expected_batch_size=batch_size, seed=seed,
                                    num_examples=num_examples, dtype=dtype)
-        return Pipeline(aggregator, None, arm.sampling, sigma, eps)
+        stage = (dpsgd_monitor_stage(loss_fn, l2_norm_clip=arm.clip_norm,
+                                     expected_batch_size=batch_size, dtype=dtype)
+                 if method == "ghost" else None)
+        return Pipeline(aggregator, stage, arm.sampling, sigma, eps)
     common = dict(num_examples=num_examples, reg=arm.reg, relative=arm.relative)
     if arm.kind == "sgd":
         policy = monitor_policy(**common)

@@ -389,7 +389,9 @@ def attack(record: ShadowRecord, *, augmentations=None, global_variance: bool | 
         offline_a=rmia_offline_a))
     vulnerability = per_example_vulnerability(*online)
     disclosure = mean_over_members(record.disclosure.astype(np.float64), in_mask)
-    ks = tuple(k for k in ks if k <= len(labels)) or (1,)
+    # top-k is over the examples that have both a D_j and a LiRA score.
+    both = int(np.sum(np.isfinite(disclosure) & np.isfinite(vulnerability)))
+    ks = tuple(k for k in ks if k <= both) or (1,)
     relation = disclosure_vs_vulnerability(disclosure, vulnerability, ks=ks)
     return ShadowAudit(evaluations, np.asarray(online.scores), vulnerability, disclosure,
                        relation)

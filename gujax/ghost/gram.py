@@ -9,7 +9,8 @@ per-example weight gradient is X_jg^T D_jg per group g, so
 kernel costs ~ B^2 T^2 G (d_in + d_out); materialising gW_j and taking inner
 products costs ~ B T G d_in d_out + B^2 G d_in d_out. Each layer takes the
 cheaper route, decided from static shapes at trace time ("mixed ghost").
-The bias adds (sum_t d_jt) . (sum_s d_ks).
+The bias adds (sum_t d_jt) . (sum_s d_ks) = sum_{t,s} d_jt . d_ks, which the
+ghost kernel folds into sum_{t,s} (x_jt . x_ks + 1)(d_jt . d_ks).
 
 Local-rule and fallback leaves arrive already materialised (see
 ``gujax.ghost.capture``) and add their plain Gram matrix.
@@ -93,7 +94,7 @@ def factors_gram(factors: Factors, *, dtype=None) -> jax.Array:
     """(B, B) contribution of one layer (weights and bias) to K."""
     # On the ghost branches the bias Gram sum_{t,s} d_jt . d_ks is the sum of
     # the d-products already formed, so it joins them as (xx + 1) * dd rather
-    # than as a second B x B x d_out product (a third of an MLP's Gram flops).
+    # than as a second B x B x d_out product.
     one = 1.0 if factors.has_bias else 0.0
     if ghost_is_cheaper(factors) and factors.x.shape[1] == 1:
         # One position: (X X^T + 1) * (D D^T) per group, two plain matmuls.

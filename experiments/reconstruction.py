@@ -1,0 +1,368 @@
+"""Reconstruction of training images from a batch gradient, against each
+example's GNQ in that batch, under plain, DP-SGD and GNQ-clipped aggregation.
+
+    python -m experiments.reconstruction                  # digits, a few minutes
+    python -m experiments.reconstruction --preset smoke   # seconds
+    python -m experiments.reconstruction --inversion-steps 2000 --num-batches 4
+
+For ``num_batches`` batches of ``batch_size`` real training images, at each
+model state (``init``: the seed's initialisation; ``trained``: after
+``train_epochs`` epochs of plain SGD on the training subset), the experiment
+computes every example's per-example gradient and its leave-one-out GNQ
+within the batch (``gujax.gnq.gnq``, relative reg ``gnq_reg``), then the
+gradient an attacker observes under each defense:
+
+  plain     the batch-mean gradient
+  dpsgd     (sum_j clip_C(g_j) + N(0, sigma^2 C^2 I)) / B, sigma calibrated for
+            a DP-SGD run of ``epochs`` epochs over ``num_train`` examples at
+            (target_epsilon, delta), Poisson sampling (the noise that run adds)
+  gnq_clip  sum_j c_j g_j / B with c_j the weights of ``gnq_clip`` at a cap of
+            the batch's ``clip_quantile`` quantile of d_j = 1/2 log(1 + GNQ_j)
+
+and attacks it two ways:
+
+  (a) analytic: for a dense first layer, unit i of the observed gradient
+      gives x = dL/dW[:, i] / dL/db[i] (exact for ONE example; for a batch, a
+      mixture, exact for j only at a unit where j alone is active). Each
+      example's score is the best PSNR over the units: what an attacker who
+      can tell which unit isolates whom would get (an upper bound for this
+      attack). The same attack on each example's own plain gradient checks
+      exact single-example recovery (``single_example_min_psnr``).
+  (b) optimisation: cosine gradient matching with a TV prior
+      (``gujax.audit.reconstruction.invert_gradient``, Adam, labels known to
+      the attacker), reconstructions paired with originals by
+      ``match_reconstructions``.
+
+PSNR (dB, images in [0, 1], reconstructions clipped to [0, 1]; values above
+``PSNR_CEILING`` dB, i.e. exact to float32 rounding, are reported as the
+ceiling) and SSIM per example; per defense and attack the Spearman
+correlation of PSNR with GNQ over all examples of all batches at a state.
+
+The DP noise is that of a DP-SGD run of ``epochs`` epochs at batch size
+``batch_size`` over ``num_train`` examples; ``train_epochs`` is how long the
+``trained`` state is trained (plain SGD).
+
+Prints a table and a verdict per claim (exact single-example recovery; PSNR
+rising with GNQ; DP-SGD and GNQ clipping lowering PSNR). Writes
+<out>/reconstruction.json, <out>/reconstruction.png (originals beside each
+defense's reconstructions for the first batch of each state, and PSNR vs GNQ)
+and <out>/summary.txt (the printed table and verdicts).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import gujax.data as gd  # noqa: E402
+from experiments import _memorisation_common as common  # noqa: E402
+from gujax.audit.reconstruction import (invert_dense_gradient, invert_gradient,  # noqa: E402
+                                        match_reconstructions, psnr, ssim)
+from gujax.dpsgd import dpsgd_aggregate  # noqa: E402
+from gujax.gnq import disclosure, gnq  # noqa: E402
+from gujax.grads import per_example_grads  # noqa: E402
+from gujax.transforms import gnq_clip  # noqa: E402
+
+NAME = "reconstruction"
+DEFENSES = ("plain", "dpsgd", "gnq_clip")
+STATES = ("init", "trained")
+# Reconstructions exact to float32 rounding have PSNR ~ 130 dB or +inf; they
+# are all reported as this value.
+PSNR_CEILING = 100.0
+
+_DEFAULT = dict(
+    dataset="digits", data_dir=None, seed=0, num_train=512, num_test=64,
+    model="mlp", hidden=(64,), epochs=30, batch_size=64, learning_rate=0.1, momentum=0.9,
+    method="explicit",
+    states=STATES, train_epochs=10, num_batches=6, attack_batch_size=8,
+    inversion_steps=1500, inversion_learning_rate=0.05, tv_weight=1e-3,
+    gnq_reg=1e-2, clip_quantile=0.5, target_epsilon=8.0, delta=1e-5, l2_norm_clip=1.0,
+    progress=True)
+PRESETS = {
+    "default": _DEFAULT,
+    "smoke": dict(_DEFAULT, num_train=128, hidden=(16,), batch_size=32, train_epochs=1,
+                  num_batches=1, attack_batch_size=4, inversion_steps=40, progress=False),
+}
+
+
+def check_settings(settings: dict) -> None:
+    unknown = set(settings["states"]) - set(STATES)
+    if unknown:
+        raise ValueError(f"unknown states {sorted(unknown)}; choose from {', '.join(STATES)}")
+    if settings["model"] != "mlp":
+        raise ValueError("the analytic attack needs a dense first layer: use --model mlp")
+    if settings["attack_batch_size"] < 2:
+        raise ValueError("attack_batch_size must be >= 2 (GNQ needs peers)")
+    if settings["num_batches"] * settings["attack_batch_size"] > settings["num_train"]:
+        raise ValueError("num_batches * attack_batch_size exceeds num_train")
+
+
+def capped_psnr(reconstruction, original) -> float:
+    return min(psnr(np.clip(reconstruction, 0, 1), original), PSNR_CEILING)
+
+
+def best_unit_psnr(dense_grads, originals) -> np.ndarray:
+    """(B,) for each original, the best PSNR over the first layer's units of
+    x_i = dL/dW[:, i] / dL/db[i] (units with a zero bias gradient carry nothing)."""
+    kernel, bias = np.asarray(dense_grads["kernel"]), np.asarray(dense_grads["bias"])
+    live = np.abs(bias) > 0
+    if not np.any(live):
+        return np.zeros(len(originals))
+    candidates = (kernel[:, live] / bias[live]).T  # (units, d_in)
+    flat = originals.reshape(len(originals), -1)
+    return np.array([max(capped_psnr(c, x) for c in candidates) for x in flat])
+
+
+def observed_gradients(grads, settings: dict, gnq_scores, key_seed: int) -> dict:
+    """The aggregate gradient an attacker sees under each defense (a pytree each)."""
+    b = len(gnq_scores)
+    dp = dpsgd_aggregate(l2_norm_clip=settings["l2_norm_clip"],
+                         noise_multiplier=common.dp_noise_multiplier(settings),
+                         expected_batch_size=b, seed=key_seed)
+    dp_update, _ = dp.update(grads, dp.init(None))
+    cap = float(np.quantile(np.asarray(disclosure(gnq_scores)), settings["clip_quantile"]))
+    clip = gnq_clip(max_step_disclosure=cap, num_examples=b, reg=settings["gnq_reg"])
+    clip_update, clip_state = clip.update(grads, clip.init(None), example_ids=jnp.arange(b))
+    mean = jax.tree_util.tree_map(lambda g: g.mean(0), grads)
+    return {"plain": mean, "dpsgd": dp_update, "gnq_clip": clip_update,
+            "clip_cap_nats": cap, "num_clipped": int(clip_state.num_clipped)}
+
+
+def attack_batch(model, params, images, labels, settings: dict, key) -> dict:
+    """Per-example GNQ, and per defense the PSNR/SSIM of both attacks."""
+    loss = common.xent_loss(model)
+    grads = per_example_grads(lambda p, ex: loss(p, ex["x"], ex["y"]), params,
+                              {"x": images, "y": jnp.asarray(labels)})
+    scores = np.asarray(gnq(grads, reg=settings["gnq_reg"]))
+    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+    observed = observed_gradients(grads, settings, scores, seed)
+    single = [capped_psnr(invert_dense_gradient(jax.tree_util.tree_map(
+        lambda g: g[j], grads)["Dense_0"]), images[j].reshape(-1))
+        for j in range(len(images))]
+    record = {"gnq": scores, "single_example_min_psnr": float(min(single)),
+              "clip_cap_nats": observed["clip_cap_nats"],
+              "num_clipped": observed["num_clipped"], "defenses": {}}
+    originals = np.asarray(images)
+    for d, defense in enumerate(DEFENSES):
+        target = observed[defense]
+        inversion = invert_gradient(common.apply_fn(model), params, target,
+                                    input_shape=images.shape[1:], num_examples=len(images),
+                                    key=jax.random.fold_in(key, d), labels=jnp.asarray(labels),
+                                    num_steps=settings["inversion_steps"],
+                                    learning_rate=settings["inversion_learning_rate"],
+                                    tv_weight=settings["tv_weight"],
+                                    steps_per_call=min(200, settings["inversion_steps"]))
+        recon = np.clip(np.asarray(inversion.images), 0, 1)
+        match = match_reconstructions(recon, originals)
+        paired = recon[match.order]
+        record["defenses"][defense] = {
+            "analytic_psnr": best_unit_psnr(target["Dense_0"], originals),
+            "inversion_psnr": np.minimum(match.psnr, PSNR_CEILING),
+            "inversion_ssim": np.array([ssim(r, o) for r, o in zip(paired, originals)]),
+            "inversion_objective_start": float(inversion.objective[0]),
+            "inversion_objective_end": float(inversion.objective[-1]),
+            "reconstructions": paired,
+        }
+    return record
+
+
+def summarise(batches: list[dict]) -> dict:
+    """Per defense: mean PSNR/SSIM and Spearman(PSNR, GNQ) pooled over batches,
+    and the mean inversion PSNR of the examples whose d_j exceeded the
+    gnq_clip cap in their batch (the ones GNQ clipping scales down)."""
+    scores = np.concatenate([b["gnq"] for b in batches])
+    over_cap = np.concatenate([np.asarray(disclosure(np.asarray(b["gnq"]))) > b["clip_cap_nats"]
+                               for b in batches])
+    out = {"gnq_median": float(np.median(scores)), "gnq_max": float(np.max(scores)),
+           "single_example_min_psnr": min(b["single_example_min_psnr"] for b in batches),
+           "num_examples": int(len(scores)), "num_over_clip_cap": int(over_cap.sum()),
+           "defenses": {}}
+    for defense in DEFENSES:
+        per = {k: np.concatenate([b["defenses"][defense][k] for b in batches])
+               for k in ("analytic_psnr", "inversion_psnr", "inversion_ssim")}
+        rho_a, p_a = common.spearman(per["analytic_psnr"], scores, with_p=True)
+        rho_i, p_i = common.spearman(per["inversion_psnr"], scores, with_p=True)
+        out["defenses"][defense] = {
+            "analytic_psnr_mean": float(per["analytic_psnr"].mean()),
+            "analytic_psnr_median": float(np.median(per["analytic_psnr"])),
+            "analytic_exact_fraction": float(np.mean(per["analytic_psnr"] >= PSNR_CEILING)),
+            "inversion_psnr_mean": float(per["inversion_psnr"].mean()),
+            "inversion_psnr_mean_over_clip_cap": float(per["inversion_psnr"][over_cap].mean())
+            if over_cap.any() else None,
+            "inversion_ssim_mean": float(per["inversion_ssim"].mean()),
+            "spearman_analytic_psnr_vs_gnq": rho_a,
+            "spearman_analytic_psnr_vs_gnq_p": p_a,
+            "spearman_inversion_psnr_vs_gnq": rho_i,
+            "spearman_inversion_psnr_vs_gnq_p": p_i,
+        }
+    return out
+
+
+TABLE = [("state", "state", "{}"), ("defense", "defense", "{}"),
+         ("analytic PSNR", "analytic_psnr_mean", "{:.1f}"),
+         ("exact", "analytic_exact_fraction", "{:.2f}"),
+         ("inv PSNR", "inversion_psnr_mean", "{:.1f}"),
+         ("inv PSNR d>cap", "inversion_psnr_mean_over_clip_cap", "{:.1f}"),
+         ("inv SSIM", "inversion_ssim_mean", "{:.3f}"),
+         ("rho(analytic,GNQ)", "spearman_analytic_psnr_vs_gnq", "{:+.3f}"),
+         ("rho(inv,GNQ)", "spearman_inversion_psnr_vs_gnq", "{:+.3f}")]
+
+
+def table(summaries: dict) -> str:
+    rows = [dict(d, state=state, defense=defense)
+            for state, s in summaries.items() for defense, d in s["defenses"].items()]
+    return (common.format_table(rows, TABLE) +
+            f"\nPSNR in dB (capped at {PSNR_CEILING:g}), means over all attacked examples; "
+            "analytic = best unit of the dense first layer, exact = fraction at the cap;\n"
+            "inv = gradient-matching inversion; d>cap = the examples gnq_clip scales down; "
+            "rho = Spearman over all examples of a state.")
+
+
+SIGNIFICANCE = 0.05
+
+
+def claims(summaries: dict) -> list[dict]:
+    """The claims, checked against this run (see docs/memorisation.md)."""
+    out = []
+    for state, s in summaries.items():
+        out.append(common.claim(
+            f"{state}: one example's gradient reveals it exactly (dense first layer, weight "
+            "row / bias ratio)", s["single_example_min_psnr"] >= PSNR_CEILING,
+            f"lowest PSNR over {s['num_examples']} examples: "
+            f"{s['single_example_min_psnr']:.1f} dB (cap {PSNR_CEILING:g})"))
+        plain = s["defenses"]["plain"]
+        for attack, key in (("inversion", "spearman_inversion_psnr_vs_gnq"),
+                            ("analytic", "spearman_analytic_psnr_vs_gnq")):
+            out.append(common.correlation_claim(
+                f"{state}: examples with a higher GNQ in their batch are reconstructed better "
+                f"from the plain batch gradient ({attack} attack; PSNR vs GNQ)",
+                plain[key], plain[key + "_p"], s["num_examples"], alpha=SIGNIFICANCE))
+        dp = s["defenses"]["dpsgd"]
+        out.append(common.claim(
+            f"{state}: DP-SGD's noise lowers reconstruction quality",
+            dp["inversion_psnr_mean"] < plain["inversion_psnr_mean"]
+            and dp["analytic_psnr_mean"] < plain["analytic_psnr_mean"],
+            f"mean PSNR inversion plain {plain['inversion_psnr_mean']:.1f} vs DP-SGD "
+            f"{dp['inversion_psnr_mean']:.1f} dB; analytic {plain['analytic_psnr_mean']:.1f} vs "
+            f"{dp['analytic_psnr_mean']:.1f} dB"))
+        clip = s["defenses"]["gnq_clip"]
+        high_plain = plain["inversion_psnr_mean_over_clip_cap"]
+        high_clip = clip["inversion_psnr_mean_over_clip_cap"]
+        out.append(common.claim(
+            f"{state}: GNQ clipping lowers the reconstruction quality of the high-GNQ examples "
+            "it scales down",
+            None if high_plain is None else bool(high_clip < high_plain),
+            "no example over the cap" if high_plain is None else
+            f"mean inversion PSNR of the {s['num_over_clip_cap']} examples over the cap: plain "
+            f"{high_plain:.1f} vs gnq_clip {high_clip:.1f} dB; analytic (all examples) "
+            f"{plain['analytic_psnr_mean']:.1f} vs {clip['analytic_psnr_mean']:.1f} dB"))
+    return out
+
+
+def plot(path: str, results: dict) -> None:
+    """Left: the first batch of each state, originals above each defense's
+    inversion (GNQ of each example on top). Right: inversion PSNR vs GNQ per
+    defense, all batches, one panel per state."""
+    states = list(results)
+    b = len(results[states[0]]["batches"][0]["gnq"])
+    rows_per_state = 1 + len(DEFENSES)
+    fig = plt.figure(figsize=(0.95 * b + 5.0, 0.95 * rows_per_state * len(states) + 0.6))
+    left, right = fig.subfigures(1, 2, width_ratios=[0.95 * b + 0.6, 4.4])
+    axes = left.subplots(rows_per_state * len(states), b, squeeze=False)
+    for s, state in enumerate(states):
+        batch = results[state]["batches"][0]
+        rows = [("original", results[state]["originals"])] + [
+            (d, batch["defenses"][d]["reconstructions"]) for d in DEFENSES]
+        for r, (label, images) in enumerate(rows):
+            for j in range(b):
+                ax = axes[s * rows_per_state + r, j]
+                ax.imshow(np.squeeze(images[j], -1) if images.shape[-1] == 1 else images[j],
+                          cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(f"{state}\n{label}" if r == 0 else label, fontsize=7)
+                if r == 0:
+                    ax.set_title(f"GNQ {batch['gnq'][j]:.3g}", fontsize=7)
+                else:
+                    psnr_j = batch["defenses"][label]["inversion_psnr"][j]
+                    ax.set_xlabel(f"{psnr_j:.1f} dB", fontsize=6, labelpad=1)
+    left.suptitle("originals and inversions (first batch)", fontsize=9)
+    left.subplots_adjust(hspace=0.55, top=0.9, bottom=0.04)
+    panels = right.subplots(len(states), 1, squeeze=False)[:, 0]
+    for ax, state in zip(panels, states):
+        scores = np.concatenate([x["gnq"] for x in results[state]["batches"]])
+        for defense in DEFENSES:
+            values = np.concatenate([x["defenses"][defense]["inversion_psnr"]
+                                     for x in results[state]["batches"]])
+            ax.scatter(scores, values, s=12, label=defense)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("GNQ of the example in its batch", fontsize=8)
+        ax.set_ylabel("inversion PSNR (dB)", fontsize=8)
+        ax.set_title(state, fontsize=9)
+        ax.legend(fontsize=7)
+    right.subplots_adjust(hspace=0.45, left=0.18, right=0.95, bottom=0.09)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    settings, out = common.parse_settings(argv, name=NAME, description=__doc__,
+                                          presets=PRESETS)
+    check_settings(settings)
+    common.start_run(out)
+    start = time.time()
+    train_set, _ = common.load_data(settings)
+    model = common.make_model(settings, len(train_set.class_names))
+    rng = np.random.default_rng(settings["seed"])
+    picks = rng.choice(len(train_set), settings["num_batches"] * settings["attack_batch_size"],
+                       replace=False).reshape(settings["num_batches"], -1)
+    results = {}
+    for state in settings["states"]:
+        # Each state its own DP noise and inversion starts.
+        key = jax.random.fold_in(jax.random.key(settings["seed"]), STATES.index(state))
+        if state == "init":
+            params = common.init_params(model, train_set.images.shape[1:], settings["seed"])
+        else:
+            params = common.train_arm("plain", settings, model, train_set.images,
+                                      train_set.labels, seed=settings["seed"],
+                                      epochs=settings["train_epochs"]).params
+        batches = [attack_batch(model, params, np.asarray(gd.to_float(train_set.images[rows])),
+                                train_set.labels[rows], settings, jax.random.fold_in(key, i))
+                   for i, rows in enumerate(tqdm(picks, desc=f"{state} batches",
+                                                 disable=not settings["progress"]))]
+        results[state] = {"batches": batches,
+                          "originals": np.asarray(gd.to_float(train_set.images[picks[0]])),
+                          "summary": summarise(batches)}
+    plot(os.path.join(out, f"{NAME}.png"), results)
+    record = common.base_record(settings)
+    record.update({
+        "psnr_ceiling_db": PSNR_CEILING,
+        "dp_noise_multiplier": common.dp_noise_multiplier(settings),
+        "batch_ids": train_set.ids[picks],
+        "states": {state: {"summary": r["summary"], "batches": [
+            {**{k: v for k, v in b.items() if k != "defenses"},
+             "defenses": {d: {k: v for k, v in rec.items() if k != "reconstructions"}
+                          for d, rec in b["defenses"].items()}}
+            for b in r["batches"]]} for state, r in results.items()},
+    })
+    summaries = {state: r["summary"] for state, r in results.items()}
+    record["claims"] = claims(summaries)
+    record["seconds"] = time.time() - start
+    common.write_json(os.path.join(out, f"{NAME}.json"), record)
+    common.report("Reconstruction from gradients", table(summaries), record["claims"], out,
+                  settings)
+    return record
+
+
+if __name__ == "__main__":
+    main()
