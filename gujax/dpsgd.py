@@ -65,15 +65,7 @@ def dpsgd_aggregate(*, l2_norm_clip: float, noise_multiplier: float,
     def update(updates, state, params=None, *, mask=None, **extra):
         del extra
         b = batch_size(updates, name="per-example gradients")
-        keep = finite_rows(updates)
-        if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.shape != (b,) or mask.dtype != jnp.bool_:
-                raise ValueError(f"mask must be a ({b},) bool array, got "
-                                 f"{mask.dtype} {mask.shape}")
-            keep = keep & mask
-        zeroed = jax.tree_util.tree_map(
-            lambda g: jnp.where(keep.reshape((b,) + (1,) * (g.ndim - 1)), g, 0), updates)
+        zeroed = _zero_dropped_rows(updates, mask, b)
         # The inner transformation divides the noisy sum by B (padded size).
         noisy_mean, state = inner.update(zeroed, state, params)
         scale = b / expected_batch_size
@@ -100,14 +92,69 @@ class DpsgdMonitorState(NamedTuple):
         return self.ledger.step_metrics()
 
 
+def _zero_dropped_rows(updates, mask, b: int):
+    """The per-example gradients with padding (mask False) and non-finite rows
+    set to 0, so they add nothing to any sum, norm or Gram entry."""
+    keep = finite_rows(updates)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.shape != (b,) or mask.dtype != jnp.bool_:
+            raise ValueError(f"mask must be a ({b},) bool array, got "
+                             f"{mask.dtype} {mask.shape}")
+        keep = keep & mask
+    return jax.tree_util.tree_map(
+        lambda g: jnp.where(keep.reshape((b,) + (1,) * (g.ndim - 1)), g, 0), updates)
+
+
+def clip_factors_from_norms(norms: jax.Array, l2_norm_clip: float) -> jax.Array:
+    """min(1, C / norm) per row; a zero norm gets factor 1."""
+    return jnp.where(norms > l2_norm_clip, l2_norm_clip / jnp.where(norms > 0, norms, 1), 1.0)
+
+
 def clip_factors(per_example, l2_norm_clip: float) -> jax.Array:
     """min(1, C / ||g_j||) per row (B,), ||.|| the L2 norm over all leaves;
     a zero gradient gets factor 1."""
     b = batch_size(per_example, name="per-example gradients")
     sq = sum(jnp.sum(jnp.square(jnp.reshape(g, (b, -1))), axis=1)
              for g in jax.tree_util.tree_leaves(per_example))
-    norms = jnp.sqrt(sq)
-    return jnp.where(norms > l2_norm_clip, l2_norm_clip / jnp.where(norms > 0, norms, 1), 1.0)
+    return clip_factors_from_norms(jnp.sqrt(sq), l2_norm_clip)
+
+
+def charge_ledger(gram: jax.Array, clip: jax.Array, finite: jax.Array, example_ids, mask,
+                  state: "DpsgdMonitorState", *, l2_norm_clip: float) -> GnqState:
+    """``dpsgd_monitor``'s ledger update, shared with the ghost stage.
+
+    gram: (B, B) Gram matrix of the per-example gradients with dropped rows
+      zeroed; clip: (B,) clip factors; finite: (B,) bool, rows whose gradient
+      is finite. Charges GNQ of the clipped gradients with lam = sigma^2 C^2,
+      as GNQ of K / (sigma C)^2 with lam = 1.
+    """
+    b = gram.shape[0]
+    floor = jnp.square(state.noise_multiplier * l2_norm_clip).astype(gram.dtype)
+    scaled = gram * (clip[:, None] * clip[None, :]).astype(gram.dtype) / floor
+    # A non-finite row gets a NaN diagonal: the policy leaves it out of
+    # every S_-j, as it is left out of the sum.
+    scaled = scaled.at[jnp.arange(b), jnp.arange(b)].set(
+        jnp.where(finite, jnp.diagonal(scaled), jnp.nan))
+    policy = monitor_policy(num_examples=state.ledger.disclosure.shape[0], reg=1.0,
+                            relative=False)
+    _, ledger = policy.weights(scaled, example_ids, mask, state.ledger)
+    return ledger
+
+
+def add_noise(clipped_sum, ledger: GnqState, state: "DpsgdMonitorState", *,
+              l2_norm_clip: float, expected_batch_size: float):
+    """(clipped_sum + N(0, sigma^2 C^2 I)) / expected_batch_size and the new
+    ``DpsgdMonitorState``. Key schedule: key, noise_key = split(state.key);
+    one key per leaf from split(noise_key, num_leaves), in tree order."""
+    key, noise_key = jax.random.split(state.key)
+    leaves, treedef = jax.tree_util.tree_flatten(clipped_sum)
+    noise_keys = jax.random.split(noise_key, len(leaves))
+    std = state.noise_multiplier * l2_norm_clip
+    out = [(g + std.astype(g.dtype) * jax.random.normal(nk, g.shape, g.dtype))
+           / expected_batch_size for g, nk in zip(leaves, noise_keys)]
+    return (jax.tree_util.tree_unflatten(treedef, out),
+            DpsgdMonitorState(ledger, key, state.noise_multiplier))
 
 
 def dpsgd_monitor(*, l2_norm_clip: float, noise_multiplier: float,
@@ -141,45 +188,23 @@ def dpsgd_monitor(*, l2_norm_clip: float, noise_multiplier: float,
                 or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0 (dpsgd_monitor's ledger "
                              f"needs a noise floor), got {value!r}")
-    policy = monitor_policy(num_examples=num_examples, reg=1.0, relative=False)
-
     def init(params):
         del params
-        return DpsgdMonitorState(policy.init(), jax.random.key(seed),
+        return DpsgdMonitorState(monitor_policy(num_examples=num_examples, reg=1.0,
+                                                relative=False).init(), jax.random.key(seed),
                                  jnp.asarray(noise_multiplier, jnp.float32))
 
     def update(updates, state, params=None, *, example_ids=None, mask=None, **extra):
         del params, extra
         b = batch_size(updates, name="per-example gradients")
         check_example_ids(example_ids, b, state.ledger.disclosure.shape[0])
-        keep = finite_rows(updates)
-        if mask is not None:
-            mask = jnp.asarray(mask)
-            if mask.shape != (b,) or mask.dtype != jnp.bool_:
-                raise ValueError(f"mask must be a ({b},) bool array, got "
-                                 f"{mask.dtype} {mask.shape}")
-            keep = keep & mask
-        zeroed = jax.tree_util.tree_map(
-            lambda g: jnp.where(keep.reshape((b,) + (1,) * (g.ndim - 1)), g, 0), updates)
+        zeroed = _zero_dropped_rows(updates, mask, b)
         c = clip_factors(zeroed, l2_norm_clip)
-        k = gram_matrix(zeroed, dtype=dtype)
-        floor = jnp.square(state.noise_multiplier * l2_norm_clip).astype(k.dtype)
-        scaled = k * (c[:, None] * c[None, :]).astype(k.dtype) / floor
-        # A non-finite row gets a NaN diagonal: the policy leaves it out of
-        # every S_-j, as it is left out of the sum.
-        nonfinite = ~finite_rows(updates)
-        scaled = scaled.at[jnp.arange(b), jnp.arange(b)].set(
-            jnp.where(nonfinite, jnp.nan, jnp.diagonal(scaled)))
-        _, ledger = policy.weights(scaled, example_ids, mask, state.ledger)
-
-        key, noise_key = jax.random.split(state.key)
-        leaves, treedef = jax.tree_util.tree_flatten(zeroed)
-        noise_keys = jax.random.split(noise_key, len(leaves))
-        std = state.noise_multiplier * l2_norm_clip
-        out = [(jnp.tensordot(c.astype(g.dtype), g, axes=1)
-                + std.astype(g.dtype) * jax.random.normal(nk, g.shape[1:], g.dtype))
-               / expected_batch_size for g, nk in zip(leaves, noise_keys)]
-        return (jax.tree_util.tree_unflatten(treedef, out),
-                DpsgdMonitorState(ledger, key, state.noise_multiplier))
+        ledger = charge_ledger(gram_matrix(zeroed, dtype=dtype), c, finite_rows(updates),
+                               example_ids, mask, state, l2_norm_clip=l2_norm_clip)
+        clipped_sum = jax.tree_util.tree_map(
+            lambda g: jnp.tensordot(c.astype(g.dtype), g, axes=1), zeroed)
+        return add_noise(clipped_sum, ledger, state, l2_norm_clip=l2_norm_clip,
+                         expected_batch_size=expected_batch_size)
 
     return optax.GradientTransformationExtraArgs(init, update)

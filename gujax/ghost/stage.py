@@ -30,14 +30,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 
-from gujax.dpsgd import DpsgdMonitorState
+from gujax.dpsgd import DpsgdMonitorState, add_noise, charge_ledger, clip_factors_from_norms
 from gujax.ghost.capture import LossFn, capture
 from gujax.ghost.clipping import _check_mask, _check_positive, ghost_dpsgd
 from gujax.ghost.gram import tape_gram, tape_weighted_grad
-from gujax.transforms import monitor_policy
 
 PyTree = Any
 
@@ -121,29 +119,11 @@ def dpsgd_monitor_stage(loss_fn: LossFn, *, l2_norm_clip: float, expected_batch_
         # dpsgd_monitor zeroes dropped rows before anything else: their K
         # rows are 0 and their clip factor is 1 (a zero gradient).
         k = jnp.where(keep[:, None] & keep[None, :], k, 0)
-        norms = jnp.sqrt(jnp.where(keep, sq, 0))
-        c = jnp.where(norms > l2_norm_clip,
-                      l2_norm_clip / jnp.where(norms > 0, norms, 1), 1.0)
-        floor = jnp.square(state.noise_multiplier * l2_norm_clip).astype(k.dtype)
-        scaled = k * (c[:, None] * c[None, :]).astype(k.dtype) / floor
-        # A non-finite row gets a NaN diagonal: the policy leaves it out of
-        # every S_-j, as it is left out of the sum.
-        scaled = scaled.at[jnp.arange(b), jnp.arange(b)].set(
-            jnp.where(finite, jnp.diagonal(scaled), jnp.nan))
-        policy = monitor_policy(num_examples=state.ledger.disclosure.shape[0],
-                                reg=1.0, relative=False)
-        _, ledger = policy.weights(scaled, batch["id"], mask, state.ledger)
-
+        c = clip_factors_from_norms(jnp.sqrt(jnp.where(keep, sq, 0)), l2_norm_clip)
+        ledger = charge_ledger(k, c, finite, batch["id"], mask, state,
+                               l2_norm_clip=l2_norm_clip)
         clipped = tape_weighted_grad(tape, params, jnp.where(keep, c, 0))
-        # dpsgd_monitor's key schedule (not optax's): key, noise_key =
-        # split(key); one key per leaf from split(noise_key, num_leaves).
-        key, noise_key = jax.random.split(state.key)
-        leaves, treedef = jax.tree_util.tree_flatten(clipped)
-        noise_keys = jax.random.split(noise_key, len(leaves))
-        std = state.noise_multiplier * l2_norm_clip
-        update = [(g + std.astype(g.dtype) * jax.random.normal(nk, g.shape, g.dtype))
-                  / expected_batch_size for g, nk in zip(leaves, noise_keys)]
-        state = DpsgdMonitorState(ledger, key, state.noise_multiplier)
-        return (jax.tree_util.tree_unflatten(treedef, update), state,
-                _metrics(tape.losses, mask, state))
+        update, state = add_noise(clipped, ledger, state, l2_norm_clip=l2_norm_clip,
+                                  expected_batch_size=expected_batch_size)
+        return update, state, _metrics(tape.losses, mask, state)
     return stage
