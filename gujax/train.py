@@ -31,7 +31,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -168,11 +168,12 @@ def _as_float(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32)
 
 
-def make_train_step(stage: GradientStage, optimizer: optax.GradientTransformation,
-                    *, seed: int, augment: Callable | None = None):
-    """The jitted ``step(state, batch) -> (state, metrics)``."""
-    @jax.jit
-    def step(state: TrainState, batch: Batch):
+def _step_body(stage: GradientStage, optimizer: optax.GradientTransformation,
+               augment: Callable | None):
+    """``body(state, batch, seed) -> (state, metrics)``, un-jitted; ``seed``
+    (the run's ``TrainConfig.seed``) may be traced, so that one body serves a
+    single run and a vmapped stack of runs alike."""
+    def body(state: TrainState, batch: Batch, seed):
         batch = dict(batch, image=_as_float(batch["image"]))
         if augment is not None:
             key = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -182,7 +183,14 @@ def make_train_step(stage: GradientStage, optimizer: optax.GradientTransformatio
         updates, opt_state = optimizer.update(update, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, aggregator_state, opt_state), metrics
-    return step
+    return body
+
+
+def make_train_step(stage: GradientStage, optimizer: optax.GradientTransformation,
+                    *, seed: int, augment: Callable | None = None):
+    """The jitted ``step(state, batch) -> (state, metrics)``."""
+    body = _step_body(stage, optimizer, augment)
+    return jax.jit(lambda state, batch: body(state, batch, seed))
 
 
 def _eval_sums(model):
@@ -287,6 +295,44 @@ def _scalars(metrics: dict) -> dict:
             for k, v in jax.device_get(metrics).items()}
 
 
+def _open_workdir(workdir: str, config_json: dict, state, resume: bool):
+    """Restore ``state`` from ``workdir``'s latest checkpoint (``resume``, and
+    the saved config equal to ``config_json`` but for "epochs"), or clear the
+    old checkpoints. Writes config.json, truncates metrics.jsonl and
+    history.jsonl to the restored step. Returns (state, manager, history)."""
+    os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, "config.json")
+    manager = _manager(workdir)
+    latest = manager.latest_step() if resume else None
+    current = json.loads(json.dumps(config_json))
+    if latest is not None:
+        with open(config_path) as f:
+            saved = json.load(f)
+        changed = {k for k in current if k != "epochs" and saved.get(k) != current[k]}
+        if changed:
+            raise ValueError(f"{workdir} holds a run with a different config "
+                             f"({sorted(changed)}); use another workdir or resume=False")
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                          _to_saveable(state))
+        restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+        state = _from_saveable(restored, state)
+    else:
+        for step in manager.all_steps():
+            manager.delete(step)
+    # A stacked run's finished members stop counting steps: the run is as far
+    # as its furthest member.
+    done = int(jnp.max(state.step))
+    with open(config_path, "w") as f:
+        json.dump(current, f, indent=1)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    history_path = os.path.join(workdir, "history.jsonl")
+    # Drop records written after the checkpoint: those steps run again.
+    _write_jsonl(metrics_path, _read_jsonl(metrics_path, done))
+    history = _read_jsonl(history_path, done)
+    _write_jsonl(history_path, history)
+    return state, manager, history
+
+
 # ----------------------------------------------------------------------------
 
 
@@ -346,34 +392,9 @@ def train(*, params: PyTree, aggregator: optax.GradientTransformationExtraArgs,
     history: list[dict] = []
     manager = None
     if workdir is not None:
-        os.makedirs(workdir, exist_ok=True)
-        config_path = os.path.join(workdir, "config.json")
-        manager = _manager(workdir)
-        latest = manager.latest_step() if resume else None
-        if latest is not None:
-            with open(config_path) as f:
-                saved = json.load(f)
-            current = json.loads(json.dumps(config.to_json()))
-            changed = {k for k in current if k != "epochs" and saved.get(k) != current[k]}
-            if changed:
-                raise ValueError(f"{workdir} holds a run with a different config "
-                                 f"({sorted(changed)}); use another workdir or resume=False")
-            abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                              _to_saveable(state))
-            restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-            state = _from_saveable(restored, state)
-        else:
-            for step in manager.all_steps():
-                manager.delete(step)
-        done = int(state.step)
-        with open(config_path, "w") as f:
-            json.dump(config.to_json(), f, indent=1)
+        state, manager, history = _open_workdir(workdir, config.to_json(), state, resume)
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         history_path = os.path.join(workdir, "history.jsonl")
-        # Drop records written after the checkpoint: those steps run again.
-        _write_jsonl(metrics_path, _read_jsonl(metrics_path, done))
-        history = _read_jsonl(history_path, done)
-        _write_jsonl(history_path, history)
 
     start = int(state.step)
     metrics = {}
@@ -402,3 +423,146 @@ def train(*, params: PyTree, aggregator: optax.GradientTransformationExtraArgs,
         manager.wait_until_finished()
         manager.close()
     return TrainResult(state.params, state.aggregator_state, history)
+
+
+def _stack(trees: Sequence[PyTree]) -> PyTree:
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: PyTree, m: int) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: x[m], tree)
+
+
+def _pad_batch(rows: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    extra = size - len(rows)
+    return (np.concatenate([rows, np.zeros(extra, rows.dtype)]),
+            np.concatenate([mask, np.zeros(extra, bool)]))
+
+
+def make_stacked_train_step(stage: GradientStage, optimizer: optax.GradientTransformation,
+                            *, augment: Callable | None = None):
+    """The jitted ``step(states, batches, seeds, active) -> (states, metrics)``
+    of M runs at once: the single-run step vmapped over a leading run axis of
+    the state (M, ...), the batch (M, B, ...) and the seeds (M,). Runs whose
+    ``active`` (M,) bool is False keep their state unchanged."""
+    body = _step_body(stage, optimizer, augment)
+
+    @jax.jit
+    def step(states: TrainState, batches: Batch, seeds: jax.Array, active: jax.Array):
+        stepped, metrics = jax.vmap(body)(states, batches, seeds)
+
+        def hold(new, old):
+            return jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
+        return jax.tree_util.tree_map(hold, stepped, states), metrics
+    return step
+
+
+def train_stacked(*, params: Sequence[PyTree],
+                  aggregator: optax.GradientTransformationExtraArgs, data: Sequence,
+                  configs: Sequence[TrainConfig], aggregator_states: Sequence | None = None,
+                  model=None, loss_fn=None, workdir: str | None = None, resume: bool = True,
+                  gradient_stage: GradientStage | None = None) -> list[TrainResult]:
+    """Train M independent runs at once, one jitted step vmapped over the runs.
+
+    Small models leave a CPU (or an accelerator) mostly idle between the
+    dispatches of their small steps; stacking M of them into one step amortises
+    that overhead (what it gains: ``python -m experiments.stacked``). Every run
+    follows the trajectory ``train`` would give it alone, to rounding
+    (tests/test_train.py): its own initial parameters, data (of its own size),
+    seed (hence its own batches and augmentation keys) and aggregator state
+    (e.g. DP-SGD's noise key and sigma), and its own number of steps: a run
+    that has finished keeps its state while the others go on.
+
+    Args:
+      params: M initial parameter pytrees of one structure and shape.
+      aggregator: the per-example transformation whose ``update`` (or the
+        ``gradient_stage``) serves every run; what differs between runs must
+        live in its state.
+      data: M tuples (images, labels, ids) as ``train`` takes, sizes may differ.
+      configs: M ``TrainConfig`` equal in every field but ``seed``. Their
+        batch_size, epochs and sampling give each run's steps as in ``train``;
+        Poisson batches are padded to the largest run's padded size.
+      aggregator_states: M initial aggregator states (default
+        ``aggregator.init(params[m])``).
+      model, loss_fn, gradient_stage: as ``train`` (no evaluation here).
+      workdir: metrics.jsonl (per step, one value per run, None where a run has
+        finished), history.jsonl (per run and epoch, with "run") and orbax
+        checkpoints of the stacked state; ``resume`` continues from the latest.
+
+    Returns:
+      M ``TrainResult``s, in the order of the runs.
+    """
+    runs = len(params)
+    if runs == 0 or not (len(data) == len(configs) == runs):
+        raise ValueError(f"need one or more runs with one params, data and config each; got "
+                         f"{runs} params, {len(data)} data, {len(configs)} configs")
+    config = configs[0]
+    if any(dataclasses.replace(c, seed=config.seed) != config for c in configs):
+        raise ValueError("the stacked runs' TrainConfigs may differ in seed alone")
+    if aggregator_states is None:
+        aggregator_states = [aggregator.init(p) for p in params]
+    if len(aggregator_states) != runs:
+        raise ValueError(f"{len(aggregator_states)} aggregator states for {runs} runs")
+    if loss_fn is None:
+        if model is None:
+            raise ValueError("give a model (for the default loss) or a loss_fn")
+        loss_fn = softmax_cross_entropy(model)
+    datasets = [_check_data(d, f"data[{m}]") for m, d in enumerate(data)]
+    shapes = {d[0].shape[1:] + (d[0].dtype,) for d in datasets}
+    if len(shapes) != 1:
+        raise ValueError(f"the runs' images differ in shape or dtype: {sorted(map(str, shapes))}")
+    samplers = [_sampler(c, len(d[1])) for c, d in zip(configs, datasets)]
+    per_epoch = [len(d[1]) // config.batch_size for d in datasets]
+    totals = np.array([config.epochs * e for e in per_epoch])
+    seeds = jnp.asarray([c.seed for c in configs], jnp.int32)
+    stage = gradient_stage or per_example_stage(loss_fn, aggregator,
+                                                chunk_size=config.chunk_size)
+    optimizer = _optimizer(config)
+    step_fn = make_stacked_train_step(stage, optimizer, augment=config.augment)
+    state = _stack([TrainState(jnp.zeros((), jnp.int32), p, s, optimizer.init(p))
+                    for p, s in zip(params, aggregator_states)])
+
+    history: list[dict] = []
+    manager = None
+    if workdir is not None:
+        identity = dict(config.to_json(), seed=[c.seed for c in configs],
+                        num_examples=[len(d[1]) for d in datasets])
+        state, manager, history = _open_workdir(workdir, identity, state, resume)
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        history_path = os.path.join(workdir, "history.jsonl")
+
+    total = int(totals.max())
+    start = int(jnp.max(state.step))
+    for step in tqdm(range(start, total), initial=start, total=total,
+                     disable=not config.progress, desc=f"train x{runs}"):
+        drawn = [sample(step) for sample in samplers]
+        size = max(len(rows) for rows, _ in drawn)
+        drawn = [_pad_batch(rows, mask, size) for rows, mask in drawn]
+        batch = {key: np.stack([d[i][rows] for d, (rows, _) in zip(datasets, drawn)])
+                 for i, key in enumerate(("image", "label", "id"))}
+        batch["mask"] = np.stack([mask for _, mask in drawn])
+        active = step < totals
+        state, metrics = step_fn(state, batch, seeds, active)
+        values = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
+        per_run = [{k: v[m] for k, v in values.items()} if active[m] else None
+                   for m in range(runs)]
+        if workdir is not None:
+            _append_jsonl(metrics_path, {"step": step + 1, **{
+                k: [r[k] if r else None for r in per_run] for k in values}})
+        for m in np.flatnonzero(active):
+            epoch, into_epoch = divmod(step + 1, per_epoch[m])
+            if into_epoch == 0 and (epoch % config.eval_every == 0 or epoch == config.epochs):
+                record = {"run": int(m), "epoch": epoch, "step": step + 1, **per_run[m]}
+                history.append(record)
+                if workdir is not None:
+                    _append_jsonl(history_path, record)
+        if manager is not None and ((step + 1) % config.checkpoint_every == 0
+                                    or step + 1 == total):
+            manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    return [TrainResult(_unstack(state.params, m), _unstack(state.aggregator_state, m),
+                        [{k: v for k, v in r.items() if k != "run"}
+                         for r in history if r["run"] == m])
+            for m in range(runs)]

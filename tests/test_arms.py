@@ -8,7 +8,7 @@ import pytest
 from gujax.arms import Arm, build_pipeline, dp_calibration, ledger, parse_arm
 from gujax.models import MLP, SmallCNN
 from gujax.privacy import dp_epsilon
-from gujax.train import TrainConfig, softmax_cross_entropy, train
+from gujax.train import TrainConfig, softmax_cross_entropy, train, train_stacked
 
 
 def test_parse_arm_aliases_and_defaults():
@@ -87,3 +87,55 @@ def test_ghost_engine_trains_like_the_explicit_one(arm_text, model):
     assert np.all(np.asarray(lg.disclosure)[1::2] == 0)     # never trained on
     if arm_text.startswith("censor"):
         assert np.asarray(lg.retired).any()                  # the budget binds here
+
+
+def _pipelines(arm_text, method, model, images, subsets, num_examples, config):
+    loss = softmax_cross_entropy(model)
+    runs = []
+    for m, rows in enumerate(subsets):
+        pipe = build_pipeline(parse_arm(arm_text), loss_fn=loss, train_size=len(rows),
+                              batch_size=config.batch_size, epochs=config.epochs,
+                              seed=10 + m, num_examples=num_examples, method=method)
+        params = model.init(jax.random.key(m), images[:1].astype(np.float32) / 255)["params"]
+        runs.append((pipe, params, dataclasses.replace(config, seed=20 + m,
+                                                       sampling=pipe.sampling)))
+    return loss, runs
+
+
+@pytest.mark.parametrize("arm_text, method", [
+    ("sgd", "ghost"), ("censor:tau=0.3", "ghost"), ("clip:max_step=0.02", "ghost"),
+    ("dpsgd:eps=4", "ghost"), ("censor:tau=0.3", "explicit"), ("dpsgd:eps=4", "explicit")])
+def test_stacked_runs_train_like_separate_ones(arm_text, method):
+    """M runs vmapped into one step (``train_stacked``, what shadow models use)
+    follow the trajectories ``train`` gives each alone: runs of different
+    sizes (so different step counts and Poisson padding), seeds, inits and
+    DP-SGD sigmas; same parameters, ledger and refusals to float32 rounding."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 3, 60).astype(np.int32)
+    subsets = [np.sort(rng.choice(60, size, replace=False)) for size in (30, 26, 37)]
+    model = MLP(hidden=(16,), num_classes=3)
+    config = TrainConfig(epochs=2, batch_size=8, learning_rate=0.1, momentum=0.5,
+                         progress=False)
+    loss, runs = _pipelines(arm_text, method, model, images, subsets, 60, config)
+    data = [(images[rows], labels[rows], rows) for rows in subsets]
+    stacked = train_stacked(
+        params=[p for _, p, _ in runs], aggregator=runs[0][0].aggregator, data=data,
+        configs=[c for _, _, c in runs],
+        aggregator_states=[pipe.aggregator.init(p) for pipe, p, _ in runs],
+        model=model, loss_fn=loss, gradient_stage=runs[0][0].gradient_stage)
+    if arm_text.startswith("dpsgd"):                 # sizes differ, so do the sigmas
+        assert len({pipe.noise_multiplier for pipe, _, _ in runs}) == 3
+    for (pipe, params, cfg), d, together in zip(runs, data, stacked):
+        alone = train(params=params, aggregator=pipe.aggregator, data=d, config=cfg,
+                      model=model, loss_fn=loss, gradient_stage=pipe.gradient_stage)
+        for a, t in zip(jax.tree_util.tree_leaves(alone.params),
+                        jax.tree_util.tree_leaves(together.params)):
+            np.testing.assert_allclose(t, a, rtol=2e-4, atol=2e-5)
+        la, lt = ledger(alone.aggregator_state), ledger(together.aggregator_state)
+        np.testing.assert_allclose(lt.disclosure, la.disclosure, rtol=2e-4, atol=1e-6)
+        np.testing.assert_array_equal(lt.steps_used, la.steps_used)
+        np.testing.assert_array_equal(lt.retired, la.retired)
+        assert [r["step"] for r in together.history] == [r["step"] for r in alone.history]
+        np.testing.assert_allclose([r["loss"] for r in together.history],
+                                   [r["loss"] for r in alone.history], rtol=1e-4)

@@ -202,3 +202,75 @@ def test_bad_input_is_rejected(setup, tmp_path):
     with pytest.raises(ValueError, match="different config"):
         train(params=params, aggregator=agg, data=(x, y, ids),
               config=config(epochs=1, learning_rate=0.5), model=model, workdir=str(tmp_path))
+
+
+@pytest.mark.parametrize("arm", ["censor", "dpsgd"])
+def test_stacked_runs_resume_identically_after_a_kill(setup, arm, tmp_path, monkeypatch):
+    """``train_stacked`` of two runs (8 and 4 steps) killed at step 7, after the
+    short run finished: the resumed stack ends where an uninterrupted one does,
+    and each run equals ``train`` alone."""
+    model, params, data = setup
+    aggregator, sampling = arms()[arm]
+    short = tuple(a[:30] for a in data)
+    other = model.init(jax.random.key(1), data[0][:1])["params"]
+    kwargs = dict(params=[params, other], aggregator=aggregator, data=[data, short],
+                  configs=[config(sampling=sampling), config(sampling=sampling, seed=4)],
+                  model=model)
+    whole = train_module.train_stacked(**kwargs, workdir=str(tmp_path / "whole"))
+    for result, p, d, seed in zip(whole, (params, other), (data, short), (0, 4)):
+        alone = train(params=p, aggregator=aggregator, data=d, model=model,
+                      config=config(sampling=sampling, seed=seed))
+        for a, t in zip(jax.tree_util.tree_leaves(alone.params),
+                        jax.tree_util.tree_leaves(result.params)):
+            np.testing.assert_allclose(t, a, rtol=1e-5, atol=1e-6)
+        assert [r["step"] for r in result.history] == [r["step"] for r in alone.history]
+
+    real_append = train_module._append_jsonl
+    calls = {"metrics": 0}
+
+    def dying_append(path, record):
+        real_append(path, record)
+        if path.endswith("metrics.jsonl"):
+            calls["metrics"] += 1
+            if calls["metrics"] == 7:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_append_jsonl", dying_append)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train_stacked(**kwargs, workdir=str(killed))
+    assert sorted(os.listdir(killed / "checkpoints")) == ["3", "6"]
+    written = []
+    monkeypatch.setattr(train_module, "_append_jsonl", lambda path, record: (
+        written.append(record["step"]) if path.endswith("metrics.jsonl") else None,
+        real_append(path, record)))
+    resumed = train_module.train_stacked(**kwargs, workdir=str(killed))
+    assert written == [7, 8]
+    for a, b in zip(whole, resumed):
+        leaves_equal(a.params, b.params)
+        leaves_equal(a.aggregator_state, b.aggregator_state)
+        assert a.history == b.history
+    for name in ("metrics.jsonl", "history.jsonl"):
+        assert (killed / name).read_text() == (tmp_path / "whole" / name).read_text()
+    last = json.loads((killed / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 8 and last["loss"][1] is None     # the short run had finished
+
+
+def test_stacked_bad_input_is_rejected(setup):
+    model, params, data = setup
+    agg = mean_aggregate()
+    stacked = train_module.train_stacked
+    with pytest.raises(ValueError, match="seed alone"):
+        stacked(params=[params, params], aggregator=agg, data=[data, data],
+                configs=[config(), config(learning_rate=0.5)], model=model)
+    with pytest.raises(ValueError, match="one params, data and config"):
+        stacked(params=[params], aggregator=agg, data=[data, data],
+                configs=[config(), config()], model=model)
+    with pytest.raises(ValueError, match="differ in shape"):
+        stacked(params=[params, params], aggregator=agg,
+                data=[data, (data[0][:, :2], data[1], data[2])], configs=[config(), config()],
+                model=model)
+    with pytest.raises(ValueError, match=r"data\[1\] is empty"):
+        stacked(params=[params, params], aggregator=agg,
+                data=[data, tuple(a[:0] for a in data)], configs=[config(), config()],
+                model=model)

@@ -16,11 +16,13 @@ On disk, per model m (written atomically; the ``.npz`` is the "done" marker):
     workdir/model_{m:03d}.npz     logits (N, A, C) on the pool and (Z, A, C) on
                                   the population, ledger arrays (N,)
     workdir/model_{m:03d}.json    accuracies, wall time, sigma / epsilon
-    workdir/model_{m:03d}/        the trainer's checkpoints while it trains
-                                  (removed when the model is done)
+    workdir/training_{first:03d}-{last:03d}/   the trainer's checkpoints while a
+                                  group of models trains (removed when it is done)
 
-A killed run called again continues with the first unfinished model (from its
-last checkpoint); finished models are read back, never retrained.
+Models train ``models_at_once`` at a time, one step vmapped over the group
+(``gujax.train.train_stacked``). A killed run called again continues with the
+first unfinished group (from its last checkpoint, if it is the same group);
+finished models are read back, never retrained.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gujax.arms import Arm, build_pipeline, ledger
+from gujax.arms import Arm, Pipeline, build_pipeline, ledger
 from gujax.audit.attacks import (AttackEvaluation, evaluate_attack, lira_offline,
                                  lira_online, logit_scaled_confidence, loss_scores, rmia)
 from gujax.audit.vulnerability import (DisclosureVsVulnerability,
@@ -45,7 +47,7 @@ from gujax.audit.vulnerability import (DisclosureVsVulnerability,
                                        per_example_vulnerability)
 from gujax.data.dataset import Dataset, to_float
 from gujax.data.splits import shadow_membership
-from gujax.train import TrainConfig, softmax_cross_entropy, train
+from gujax.train import TrainConfig, softmax_cross_entropy, train_stacked
 
 # Query augmentations: name -> function of a float batch (B, H, W, C).
 AUGMENTATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -175,62 +177,86 @@ def _save_atomic(path: str, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
-def _train_one(m: int, arm: Arm, *, pool: Dataset, population: Dataset, in_mask: np.ndarray,
-               model, config: TrainConfig, seed: int, workdir: str, query,
-               checkpoints: bool, method: str) -> None:
-    """Train model m on its half of the pool and write its npz/json."""
+class _Run(NamedTuple):
+    """Model m of an arm, ready to train."""
+    m: int
+    rows: np.ndarray          # its members: positions in the pool
+    pipeline: Pipeline
+    params: dict
+    config: TrainConfig
+
+
+def _prepare(m: int, arm: Arm, *, pool: Dataset, in_mask: np.ndarray, model,
+             config: TrainConfig, seed: int, method: str) -> _Run:
     rows = np.flatnonzero(in_mask)
-    n = len(rows)
     model_seed = seed * 100_003 + m  # distinct per (run seed, model)
-    loss_fn = softmax_cross_entropy(model)
-    pipeline = build_pipeline(arm, loss_fn=loss_fn, train_size=n,
+    pipeline = build_pipeline(arm, loss_fn=softmax_cross_entropy(model), train_size=len(rows),
                               batch_size=config.batch_size, epochs=config.epochs,
                               seed=model_seed, num_examples=len(pool), method=method)
     run_config = dataclasses.replace(
         config, seed=model_seed, sampling=pipeline.sampling,
         learning_rate=arm.learning_rate or config.learning_rate)
     params = model.init(jax.random.key(model_seed), to_float(pool.images[:1]))["params"]
-    train_dir = os.path.join(workdir, f"model_{m:03d}")
+    return _Run(m, rows, pipeline, params, run_config)
+
+
+def _train_group(runs: list[_Run], *, pool: Dataset, population: Dataset, model,
+                 workdir: str, query, checkpoints: bool, eval_batch_size: int) -> None:
+    """Train ``runs`` together (one vmapped step) and write each model's npz/json.
+
+    Ids are pool positions: the ledger is (N,) for every model, so all models
+    of an arm share state shapes and (with a persistent compilation cache)
+    one compiled step. The models differ only in what lives in their state
+    (init, DP-SGD's sigma and noise key) and data, so the first model's
+    aggregator and gradient stage serve them all.
+    """
+    name = f"training_{runs[0].m:03d}-{runs[-1].m:03d}"
+    # Groups train in order, so only the first unfinished one can have left
+    # checkpoints worth resuming; others are from a run with another grouping.
+    for stale in os.listdir(workdir):
+        if stale.startswith("training_") and stale != name:
+            shutil.rmtree(os.path.join(workdir, stale), ignore_errors=True)
+    train_dir = os.path.join(workdir, name)
+    first = runs[0].pipeline
     start = time.perf_counter()
-    # Ids are pool positions: the ledger is (N,) for every model, so all models
-    # of an arm share state shapes and (with a persistent compilation cache)
-    # one compiled step.
-    result = train(params=params, aggregator=pipeline.aggregator,
-                   data=(pool.images[rows], pool.labels[rows], rows),
-                   config=run_config, model=model, loss_fn=loss_fn,
-                   workdir=train_dir if checkpoints else None, resume=True,
-                   gradient_stage=pipeline.gradient_stage)
-    jax.block_until_ready(result.params)
+    results = train_stacked(
+        params=[r.params for r in runs], aggregator=first.aggregator,
+        aggregator_states=[r.pipeline.aggregator.init(r.params) for r in runs],
+        data=[(pool.images[r.rows], pool.labels[r.rows], r.rows) for r in runs],
+        configs=[r.config for r in runs], model=model,
+        workdir=train_dir if checkpoints else None, resume=True,
+        gradient_stage=first.gradient_stage)
+    jax.block_until_ready([r.params for r in results])
     wall = time.perf_counter() - start
 
-    batch = config.eval_batch_size
-    logits = _logits(query, result.params, pool.images, batch)
-    population_logits = _logits(query, result.params, population.images, batch)
-    book = jax.device_get(ledger(result.aggregator_state))
-
-    def on_pool(values, dtype):
+    for run, result in zip(runs, results):
+        logits = _logits(query, result.params, pool.images, eval_batch_size)
+        population_logits = _logits(query, result.params, population.images, eval_batch_size)
         # The ledger is already indexed by pool position; OUT entries are 0.
-        return np.asarray(values).astype(dtype)
-
-    correct = np.argmax(logits[:, 0], -1) == pool.labels
-    summary = {
-        "model": m, "num_train": int(n), "wall_seconds": wall,
-        "train_accuracy": float(correct[rows].mean()),
-        "test_accuracy": float((np.argmax(population_logits[:, 0], -1)
-                                == population.labels).mean()),
-        "noise_multiplier": pipeline.noise_multiplier, "epsilon": pipeline.epsilon,
-        "learning_rate": run_config.learning_rate, "sampling": run_config.sampling,
-        "final_loss": (result.history[-1].get("loss") if result.history else None),
-    }
-    arrays = dict(logits=logits, population_logits=population_logits,
-                  disclosure=on_pool(book.disclosure, np.float32),
-                  cumulative_gnq=on_pool(book.cumulative_gnq, np.float32),
-                  steps_used=on_pool(book.steps_used, np.int32),
-                  retired=on_pool(book.retired, bool))
-    stem = os.path.join(workdir, f"model_{m:03d}")
-    _save_atomic(stem + ".json", lambda p: json.dump(summary, open(p, "w"), indent=1))
-    # The npz last: its presence marks the model as done.
-    _save_atomic(stem + ".npz", lambda p: np.savez(open(p, "wb"), **arrays))
+        book = jax.device_get(ledger(result.aggregator_state))
+        correct = np.argmax(logits[:, 0], -1) == pool.labels
+        summary = {
+            "model": run.m, "num_train": len(run.rows),
+            # Models trained together share their wall time equally.
+            "wall_seconds": wall / len(runs), "trained_with": [r.m for r in runs],
+            "group_wall_seconds": wall,
+            "train_accuracy": float(correct[run.rows].mean()),
+            "test_accuracy": float((np.argmax(population_logits[:, 0], -1)
+                                    == population.labels).mean()),
+            "noise_multiplier": run.pipeline.noise_multiplier,
+            "epsilon": run.pipeline.epsilon,
+            "learning_rate": run.config.learning_rate, "sampling": run.config.sampling,
+            "final_loss": (result.history[-1].get("loss") if result.history else None),
+        }
+        arrays = dict(logits=logits, population_logits=population_logits,
+                      disclosure=np.asarray(book.disclosure, np.float32),
+                      cumulative_gnq=np.asarray(book.cumulative_gnq, np.float32),
+                      steps_used=np.asarray(book.steps_used, np.int32),
+                      retired=np.asarray(book.retired, bool))
+        stem = os.path.join(workdir, f"model_{run.m:03d}")
+        _save_atomic(stem + ".json", lambda p: json.dump(summary, open(p, "w"), indent=1))
+        # The npz last: its presence marks the model as done.
+        _save_atomic(stem + ".npz", lambda p: np.savez(open(p, "wb"), **arrays))
     shutil.rmtree(train_dir, ignore_errors=True)
 
 
@@ -238,7 +264,7 @@ def run_shadow_models(arm: Arm, *, pool: Dataset, population: Dataset, model,
                       config: TrainConfig, num_models: int, workdir: str, seed: int = 0,
                       augmentations=("identity", "flip"), resume: bool = True,
                       checkpoints: bool = True, method: str = "ghost",
-                      progress: bool = True) -> ShadowRecord:
+                      models_at_once: int = 1, progress: bool = True) -> ShadowRecord:
     """Train (resumably) ``num_models`` models of ``arm`` on random halves of
     ``pool`` and collect what the attacks need.
 
@@ -259,12 +285,22 @@ def run_shadow_models(arm: Arm, *, pool: Dataset, population: Dataset, model,
       checkpoints: let the trainer checkpoint inside the model being trained
         (so a kill loses at most ``config.checkpoint_every`` steps).
       method: gradient engine, "ghost" or "explicit" (``gujax.arms.build_pipeline``).
+      models_at_once: train this many models together, one step vmapped over
+        them (``gujax.train.train_stacked``; the same models to rounding).
+        Pays on small models, whose steps leave the machine idle: 12 digits
+        MLPs train about 2x faster 6 at a time on 2 CPU cores
+        (``python -m experiments.stacked``); a killed run resumes group by
+        group.
+      progress: show a bar over the models.
 
     Returns:
       ``ShadowRecord``.
     """
     augmentations = tuple(augmentations)
     _check_inputs(pool, population, num_models, augmentations)
+    if isinstance(models_at_once, bool) or not isinstance(models_at_once, int) \
+            or models_at_once < 1:
+        raise ValueError(f"models_at_once must be a positive integer, got {models_at_once!r}")
     identity = _identity(arm, config, pool, population, num_models, seed, augmentations, model)
     os.makedirs(workdir, exist_ok=True)
     manifest = os.path.join(workdir, "shadow.json")
@@ -290,11 +326,16 @@ def run_shadow_models(arm: Arm, *, pool: Dataset, population: Dataset, model,
     todo = [m for m in range(num_models)
             if not os.path.exists(os.path.join(workdir, f"model_{m:03d}.npz"))]
     quiet = dataclasses.replace(config, progress=False)
-    for m in tqdm(todo, desc=f"shadow models [{arm.name}]", disable=not progress,
-                  initial=num_models - len(todo), total=num_models):
-        _train_one(m, arm, pool=pool, population=population, in_mask=in_mask[m],
-                   model=model, config=quiet, seed=seed, workdir=workdir, query=query,
-                   checkpoints=checkpoints, method=method)
+    bar = tqdm(desc=f"shadow models [{arm.name}]", disable=not progress,
+               initial=num_models - len(todo), total=num_models)
+    for i in range(0, len(todo), models_at_once):
+        runs = [_prepare(m, arm, pool=pool, in_mask=in_mask[m], model=model, config=quiet,
+                         seed=seed, method=method) for m in todo[i:i + models_at_once]]
+        _train_group(runs, pool=pool, population=population, model=model, workdir=workdir,
+                     query=query, checkpoints=checkpoints,
+                     eval_batch_size=config.eval_batch_size)
+        bar.update(len(runs))
+    bar.close()
     return load_shadow_record(workdir, pool=pool, population=population, in_mask=in_mask)
 
 
