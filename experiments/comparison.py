@@ -314,7 +314,8 @@ def run(settings: dict, *, resume: bool = False, progress: bool = True) -> dict:
             num_models=settings["num_models"], workdir=os.path.join(out, "shadow", arm.slug),
             seed=settings["seed"], augmentations=settings["query_augmentations"],
             attack_augmentations=settings["attack_augmentations"], resume=resume,
-            method=settings["method"], progress=progress)
+            method=settings["method"], models_at_once=settings["models_at_once"],
+            progress=progress)
         rows.append(summarize_arm(arm, record, audit))
         audits[arm.name] = audit
         evaluations[arm.name] = audit.evaluations["lira_online"]

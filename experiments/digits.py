@@ -17,6 +17,9 @@ _BASE = dict(
     pool_size=500, population_size=0,         # 0 = the whole test split
     num_models=12, epochs=60, batch_size=64, learning_rate=0.2, optimizer="sgd",
     momentum=0.0, augment=False, method="ghost",
+    # All 12 shadow models of an arm in one vmapped step: 4x faster than one
+    # at a time on 2 CPU cores (python -m experiments.stacked).
+    models_at_once=12,
     # Both queries are recorded; the attacks use the identity alone, because a
     # mirrored 8x8 digit is another digit and only adds noise to LiRA.
     query_augmentations=["identity", "flip"], attack_augmentations=["identity"],

@@ -170,13 +170,13 @@ def _as_float(images: jax.Array) -> jax.Array:
 
 def _step_body(stage: GradientStage, optimizer: optax.GradientTransformation,
                augment: Callable | None):
-    """``body(state, batch, seed) -> (state, metrics)``, un-jitted; ``seed``
-    (the run's ``TrainConfig.seed``) may be traced, so that one body serves a
+    """``body(state, batch, key) -> (state, metrics)``, un-jitted; ``key`` is
+    ``jax.random.key(TrainConfig.seed)``, an argument so that one body serves a
     single run and a vmapped stack of runs alike."""
-    def body(state: TrainState, batch: Batch, seed):
+    def body(state: TrainState, batch: Batch, run_key):
         batch = dict(batch, image=_as_float(batch["image"]))
         if augment is not None:
-            key = jax.random.fold_in(jax.random.key(seed), state.step)
+            key = jax.random.fold_in(run_key, state.step)
             batch["image"] = augment(key, batch["image"])
         update, aggregator_state, metrics = stage(state.params, batch,
                                                   state.aggregator_state)
@@ -190,7 +190,7 @@ def make_train_step(stage: GradientStage, optimizer: optax.GradientTransformatio
                     *, seed: int, augment: Callable | None = None):
     """The jitted ``step(state, batch) -> (state, metrics)``."""
     body = _step_body(stage, optimizer, augment)
-    return jax.jit(lambda state, batch: body(state, batch, seed))
+    return jax.jit(lambda state, batch: body(state, batch, jax.random.key(seed)))
 
 
 def _eval_sums(model):
@@ -441,15 +441,16 @@ def _pad_batch(rows: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarra
 
 def make_stacked_train_step(stage: GradientStage, optimizer: optax.GradientTransformation,
                             *, augment: Callable | None = None):
-    """The jitted ``step(states, batches, seeds, active) -> (states, metrics)``
+    """The jitted ``step(states, batches, keys, active) -> (states, metrics)``
     of M runs at once: the single-run step vmapped over a leading run axis of
-    the state (M, ...), the batch (M, B, ...) and the seeds (M,). Runs whose
-    ``active`` (M,) bool is False keep their state unchanged."""
+    the state (M, ...), the batch (M, B, ...) and the keys (M,), each
+    ``jax.random.key(seed)`` of its run. Runs whose ``active`` (M,) bool is
+    False keep their state unchanged."""
     body = _step_body(stage, optimizer, augment)
 
     @jax.jit
-    def step(states: TrainState, batches: Batch, seeds: jax.Array, active: jax.Array):
-        stepped, metrics = jax.vmap(body)(states, batches, seeds)
+    def step(states: TrainState, batches: Batch, keys: jax.Array, active: jax.Array):
+        stepped, metrics = jax.vmap(body)(states, batches, keys)
 
         def hold(new, old):
             return jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
@@ -514,7 +515,7 @@ def train_stacked(*, params: Sequence[PyTree],
     samplers = [_sampler(c, len(d[1])) for c, d in zip(configs, datasets)]
     per_epoch = [len(d[1]) // config.batch_size for d in datasets]
     totals = np.array([config.epochs * e for e in per_epoch])
-    seeds = jnp.asarray([c.seed for c in configs], jnp.int32)
+    keys = jnp.stack([jax.random.key(c.seed) for c in configs])
     stage = gradient_stage or per_example_stage(loss_fn, aggregator,
                                                 chunk_size=config.chunk_size)
     optimizer = _optimizer(config)
@@ -542,7 +543,7 @@ def train_stacked(*, params: Sequence[PyTree],
                  for i, key in enumerate(("image", "label", "id"))}
         batch["mask"] = np.stack([mask for _, mask in drawn])
         active = step < totals
-        state, metrics = step_fn(state, batch, seeds, active)
+        state, metrics = step_fn(state, batch, keys, active)
         values = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
         per_run = [{k: v[m] for k, v in values.items()} if active[m] else None
                    for m in range(runs)]

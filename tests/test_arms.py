@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gujax.arms import Arm, build_pipeline, dp_calibration, ledger, parse_arm
+from gujax.data import random_crop_flip
 from gujax.models import MLP, SmallCNN
 from gujax.privacy import dp_epsilon
 from gujax.train import TrainConfig, softmax_cross_entropy, train, train_stacked
@@ -108,15 +109,16 @@ def _pipelines(arm_text, method, model, images, subsets, num_examples, config):
 def test_stacked_runs_train_like_separate_ones(arm_text, method):
     """M runs vmapped into one step (``train_stacked``, what shadow models use)
     follow the trajectories ``train`` gives each alone: runs of different
-    sizes (so different step counts and Poisson padding), seeds, inits and
-    DP-SGD sigmas; same parameters, ledger and refusals to float32 rounding."""
+    sizes (so different step counts and Poisson padding), seeds (batches and
+    augmentation keys), inits and DP-SGD sigmas; same parameters, ledger and
+    refusals to float32 rounding."""
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, 60).astype(np.int32)
     subsets = [np.sort(rng.choice(60, size, replace=False)) for size in (30, 26, 37)]
     model = MLP(hidden=(16,), num_classes=3)
     config = TrainConfig(epochs=2, batch_size=8, learning_rate=0.1, momentum=0.5,
-                         progress=False)
+                         augment=random_crop_flip, progress=False)
     loss, runs = _pipelines(arm_text, method, model, images, subsets, 60, config)
     data = [(images[rows], labels[rows], rows) for rows in subsets]
     stacked = train_stacked(

@@ -1,6 +1,6 @@
 """The comparison runner: smoke presets of experiments.digits and
 experiments.cifar (on a generated image folder), the results schema, resume,
-and the notebooks executed on the smoke results."""
+the notebooks executed on the smoke results; the stacked-training benchmark."""
 import json
 import os
 import pathlib
@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from experiments import cifar, comparison, digits
+from experiments import cifar, comparison, digits, stacked
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 PNGS = ("privacy_utility.png", "roc.png", "gnq_vs_attack.png")
@@ -128,3 +128,18 @@ def test_notebook_executes(name, digits_smoke, monkeypatch):
     errors = [o for cell in book.cells if cell.cell_type == "code"
               for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+def test_stacked_benchmark_smoke(tmp_path):
+    """Models trained together equal models trained alone (the benchmark's own
+    check), and the speed-up is reported against G = 1."""
+    result = stacked.main(["--preset", "smoke", "--workloads", "digits-mlp",
+                           "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert [r["models_at_once"] for r in rows] == [1, 2]
+    assert rows[0]["speedup"] == 1.0 and all(r["wall_seconds"] > 0 for r in rows)
+    assert all(r["max_logit_diff"] < 1e-4 for r in rows)
+    assert json.loads((tmp_path / "stacked.json").read_text())["rows"] == rows
+    assert (tmp_path / "stacked.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        stacked.main(["--preset", "smoke", "--workloads", "mnist"])

@@ -108,7 +108,7 @@ def test_lira_finds_members_of_an_overfit_model_and_not_under_dp(digits, tmp_pat
     train, test = digits
     common = dict(pool=random_subset(train, 300, 0), population=random_subset(test, 150, 1),
                   model=MLP(hidden=(256,)), num_models=8, seed=0, progress=False,
-                  attack_augmentations=("identity",))
+                  attack_augmentations=("identity",), models_at_once=8)
     config = TrainConfig(epochs=40, batch_size=32, learning_rate=0.2, progress=False)
     _, plain = audit_arm(parse_arm("sgd"), config=config,
                          workdir=str(tmp_path / "sgd"), **common)
