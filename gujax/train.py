@@ -333,6 +333,26 @@ def _open_workdir(workdir: str, config_json: dict, state, resume: bool):
     return state, manager, history
 
 
+def _evaluation_epoch(step: int, steps_per_epoch: int, config: TrainConfig) -> int:
+    """The epoch that ``step`` (0-based) completes if a history record is due
+    after it, else 0."""
+    epoch, into_epoch = divmod(step + 1, steps_per_epoch)
+    due = into_epoch == 0 and (epoch % config.eval_every == 0 or epoch == config.epochs)
+    return epoch if due else 0
+
+
+def _checkpoint(manager, step: int, total_steps: int, config: TrainConfig, state) -> None:
+    if manager is not None and ((step + 1) % config.checkpoint_every == 0
+                                or step + 1 == total_steps):
+        manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
+
+
+def _close(manager) -> None:
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+
+
 # ----------------------------------------------------------------------------
 
 
@@ -407,8 +427,8 @@ def train(*, params: PyTree, aggregator: optax.GradientTransformationExtraArgs,
         metrics = {"step": step + 1, **_scalars(metrics)}
         if workdir is not None:
             _append_jsonl(metrics_path, metrics)
-        epoch, into_epoch = divmod(step + 1, steps_per_epoch)
-        if into_epoch == 0 and (epoch % config.eval_every == 0 or epoch == config.epochs):
+        epoch = _evaluation_epoch(step, steps_per_epoch, config)
+        if epoch:
             record = {"epoch": epoch, **metrics}
             if eval_data is not None:
                 record.update(evaluate(model, state.params, eval_images, eval_labels,
@@ -416,12 +436,8 @@ def train(*, params: PyTree, aggregator: optax.GradientTransformationExtraArgs,
             history.append(record)
             if workdir is not None:
                 _append_jsonl(history_path, record)
-        if manager is not None and ((step + 1) % config.checkpoint_every == 0
-                                    or step + 1 == total_steps):
-            manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+        _checkpoint(manager, step, total_steps, config, state)
+    _close(manager)
     return TrainResult(state.params, state.aggregator_state, history)
 
 
@@ -551,18 +567,14 @@ def train_stacked(*, params: Sequence[PyTree],
             _append_jsonl(metrics_path, {"step": step + 1, **{
                 k: [r[k] if r else None for r in per_run] for k in values}})
         for m in np.flatnonzero(active):
-            epoch, into_epoch = divmod(step + 1, per_epoch[m])
-            if into_epoch == 0 and (epoch % config.eval_every == 0 or epoch == config.epochs):
+            epoch = _evaluation_epoch(step, per_epoch[m], config)
+            if epoch:
                 record = {"run": int(m), "epoch": epoch, "step": step + 1, **per_run[m]}
                 history.append(record)
                 if workdir is not None:
                     _append_jsonl(history_path, record)
-        if manager is not None and ((step + 1) % config.checkpoint_every == 0
-                                    or step + 1 == total):
-            manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+        _checkpoint(manager, step, total, config, state)
+    _close(manager)
     return [TrainResult(_unstack(state.params, m), _unstack(state.aggregator_state, m),
                         [{k: v for k, v in r.items() if k != "run"}
                          for r in history if r["run"] == m])
