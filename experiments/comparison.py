@@ -6,14 +6,17 @@ random halves of a data pool (``gujax.audit.shadow``), attack each in turn
 with the others as shadows, and report utility, membership-inference metrics,
 per-example disclosure and its relation to LiRA vulnerability.
 
-A dataset module supplies presets and calls ``main``:
+A dataset module supplies typed presets (``ComparisonSettings``, built on
+``experiments.harness.Settings``) and calls ``main``:
 
-    PRESETS = {"default": {...}, "smoke": {...}}
-    main(argv, dataset="digits", presets=PRESETS)
+    PRESETS = harness.presets(default=ComparisonSettings(...), smoke=...)
+    EXPERIMENT = harness.Experiment("digits", __doc__, PRESETS, resumable=True)
+    main(argv, EXPERIMENT)
 
-Every preset key becomes a command-line option (``--num-models 16``,
-``--arms sgd dpsgd:eps=1 censor:tau=4``, ``--no-augment``). Outputs go to
-``--out`` (default ``results/<dataset>-<preset>``):
+Every settings field is a command-line option (``--num-models 16``,
+``--arms sgd dpsgd:eps=1 censor:tau=4``, ``--no-augment``); ``--help`` lists
+them with each preset's value. Outputs go to ``--out`` (default
+``results/<dataset>-<preset>``):
 
     results.json     {"arms": [one object per arm], "config": ..., "gujax_version": ...}
     results.csv      the same rows, flat
@@ -25,26 +28,24 @@ Every preset key becomes a command-line option (``--num-models 16``,
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
+import dataclasses
 import math
 import os
-import sys
 import time
 
-import jax
 import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-import gujax
-from gujax.arms import Arm, parse_arm
+from experiments import harness
+# Re-exported: experiments.stacked imports it from here.
+from experiments.harness import enable_compilation_cache  # noqa: F401
+from experiments.harness import Settings, arm_text, option
+from experiments.report import environment, finite_or_none, format_table, write_report
+from gujax.arms import Arm
 from gujax.audit.plots import plot_disclosure_vs_attack, plot_roc
-from gujax.audit.shadow import ShadowAudit, ShadowRecord, audit_arm, mean_over_members
-from gujax.data import default_cache_dir, load, random_crop_flip, random_subset
-from gujax.models import MLP, SmallCNN, WideResNet
-from gujax.train import TrainConfig
+from gujax.audit.shadow import (AUGMENTATIONS, ShadowAudit, ShadowRecord,
+                                mean_over_members)
 
 # Keys every results.json arm object carries (the notebooks rely on them).
 REQUIRED_KEYS = ("arm", "test_accuracy", "train_accuracy", "mia_auc",
@@ -53,96 +54,37 @@ REQUIRED_KEYS = ("arm", "test_accuracy", "train_accuracy", "mia_auc",
 
 
 # ----------------------------------------------------------------------------
-# Settings: preset values, overridden from the command line.
+# Settings.
 
-def build_parser(dataset: str, presets: dict[str, dict], default_preset: str = "default"
-                 ) -> argparse.ArgumentParser:
-    """One option per preset key; its type is that of the default preset's value."""
-    parser = argparse.ArgumentParser(
-        prog=f"python -m experiments.{dataset}",
-        description=f"Privacy/utility comparison of training arms on {dataset}.")
-    parser.add_argument("--preset", choices=sorted(presets), default=default_preset)
-    parser.add_argument("--out", default=None,
-                        help="output folder (default results/<dataset>-<preset>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep finished shadow models in --out (default: start over)")
-    parser.add_argument("--data-dir", default=None,
-                        help="local data (image folder, CIFAR python batches or TFDS dir)")
-    examples: dict = {}
-    for preset in presets.values():
-        for key, value in preset.items():
-            examples.setdefault(key, value)
-    for key, value in examples.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction,
-                                default=None)
-        elif isinstance(value, (list, tuple)):
-            kind = type(value[0]) if value else str
-            parser.add_argument(flag, dest=key, nargs="+", type=kind, default=None)
-        else:
-            parser.add_argument(flag, dest=key, type=type(value), default=None)
-    return parser
+@dataclasses.dataclass(frozen=True)
+class ComparisonSettings(Settings):
+    """The comparison's settings: the shared ones (``harness.Settings``) and
+    the pool, the shadow models, their queries and the arms."""
+    pool_size: int = option(0, "membership pool: a random subset of the train split of this "
+                               "size (0: all of it); each shadow model trains on a random half")
+    population_size: int = option(0, "held-out population: a random subset of the test split "
+                                     "(0: all of it); test accuracy and RMIA's reference")
+    num_models: int = option(8, "shadow models per arm (>= 2; each is attacked with the others "
+                                "as its shadows)")
+    models_at_once: int = option(1, "shadow models trained together, one step vmapped over "
+                                    "them (the same models to rounding)")
+    query_augmentations: tuple[str, ...] = option(
+        ("identity", "flip"), "queries of every pool example recorded per model",
+        choices=tuple(AUGMENTATIONS))
+    attack_augmentations: tuple[str, ...] = option(
+        ("identity",), "the recorded queries the attacks use", choices=tuple(AUGMENTATIONS))
+    arms: tuple[str, ...] = option(
+        ("sgd", "dpsgd:eps=3", "censor:tau=8", "clip:max_step=0.1"),
+        "training arms, kind[:key=value,...] (gujax.arms.parse_arm): sgd, dpsgd:eps=E, "
+        "censor:tau=T, clip:max_step=S", parse=arm_text)
+    note: str = option("", "what the preset measures or reduces, printed above the table")
 
-
-def settings_from_args(args: argparse.Namespace, dataset: str, presets: dict) -> dict:
-    """The chosen preset with every option given on the command line applied."""
-    settings = dict(presets[args.preset])
-    for key in list(vars(args)):
-        value = getattr(args, key)
-        if key in ("preset", "out", "resume", "data_dir"):
-            continue
-        if value is not None:
-            settings[key] = value
-    settings.update(dataset=dataset, preset=args.preset, data_dir=args.data_dir,
-                    out=args.out or os.path.join("results", f"{dataset}-{args.preset}"))
-    return settings
-
-
-def build_model(settings: dict):
-    """The Flax classifier named by ``settings["model"]``."""
-    name = settings["model"]
-    classes = settings["num_classes"]
-    if name == "mlp":
-        return MLP(hidden=tuple(settings["hidden"]), num_classes=classes)
-    if name == "smallcnn":
-        return SmallCNN(num_classes=classes, widths=tuple(settings["widths"]))
-    if name == "wrn":
-        return WideResNet(depth=settings["depth"], width=settings["width"], num_classes=classes)
-    raise ValueError(f"model must be 'mlp', 'smallcnn' or 'wrn', got {name!r}")
-
-
-def load_data(settings: dict):
-    """(pool, population): a random subset of the train split (``pool_size``,
-    0 = all) and of the test split (``population_size``, 0 = all)."""
-    train = load(settings["dataset"], "train", data_dir=settings["data_dir"])
-    test = load(settings["dataset"], "test", data_dir=settings["data_dir"])
-
-    def take(data, size, seed):
-        if size <= 0 or size >= len(data):
-            return data
-        return random_subset(data, size, seed)
-
-    return (take(train, settings["pool_size"], settings["seed"]),
-            take(test, settings["population_size"], settings["seed"] + 1))
-
-
-def enable_compilation_cache(path: str) -> None:
-    """Persist compiled steps: every shadow model of an arm has the same step
-    (same shapes), so only its first model pays for compilation."""
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    def check(self) -> None:
+        harness.check_arms(self.arms, self, by_name=True)
 
 
 # ----------------------------------------------------------------------------
 # One arm's row of the results.
-
-def _number(x):
-    """float, or None for NaN (JSON null)."""
-    x = float(x)
-    return None if math.isnan(x) else x
-
 
 def summarize_arm(arm: Arm, record: ShadowRecord, audit: ShadowAudit) -> dict:
     """The results.json object of one arm (means over the M models)."""
@@ -155,16 +97,16 @@ def summarize_arm(arm: Arm, record: ShadowRecord, audit: ShadowAudit) -> dict:
         "test_accuracy_std": float(np.std(record.test_accuracy)),
         "train_accuracy": float(np.mean(record.train_accuracy)),
         "mia_auc": lira.auc,
-        "mia_tpr_at_0.1pct_fpr": float(lira.tpr_at_fpr[0]),
-        "mia_tpr_at_1pct_fpr": float(lira.tpr_at_fpr[1]),
+        "mia_tpr_at_0.1pct_fpr": lira.tpr_at(0.001),
+        "mia_tpr_at_1pct_fpr": lira.tpr_at(0.01),
         "mia_balanced_accuracy": lira.balanced_accuracy,
     }
     for name, evaluation in audit.evaluations.items():
         if name == "lira_online":
             continue
         row[f"{name}_auc"] = evaluation.auc
-        row[f"{name}_tpr_at_0.1pct_fpr"] = float(evaluation.tpr_at_fpr[0])
-        row[f"{name}_tpr_at_1pct_fpr"] = float(evaluation.tpr_at_fpr[1])
+        row[f"{name}_tpr_at_0.1pct_fpr"] = evaluation.tpr_at(0.001)
+        row[f"{name}_tpr_at_1pct_fpr"] = evaluation.tpr_at(0.01)
     relation = audit.disclosure_vs_vulnerability
     row.update({
         "disclosure_mean_nats": float(np.mean(d)),
@@ -172,9 +114,9 @@ def summarize_arm(arm: Arm, record: ShadowRecord, audit: ShadowAudit) -> dict:
         "disclosure_max_nats": float(np.max(d)),
         "refused_fraction": float(np.mean(record.retired[members])),
         "unused_fraction": float(np.mean(record.steps_used[members] == 0)),
-        "epsilon": _number(np.mean(record.epsilon)),
-        "noise_multiplier": _number(np.mean(record.noise_multiplier)),
-        "spearman_disclosure_vs_lira": _number(relation.spearman_rho),
+        "epsilon": finite_or_none(np.mean(record.epsilon)),
+        "noise_multiplier": finite_or_none(np.mean(record.noise_multiplier)),
+        "spearman_disclosure_vs_lira": finite_or_none(relation.spearman_rho),
         "precision_at_k_disclosure_vs_lira": {
             str(int(k)): float(p) for k, p in zip(relation.ks, relation.precision_at_k)},
         "chance_precision_at_k": {
@@ -207,36 +149,19 @@ TABLE_COLUMNS = (
     ("wall s", "wall_seconds", "{:.0f}"))
 
 
-def markdown_table(rows: list[dict], settings: dict) -> str:
+def markdown_table(rows: list[dict], settings: ComparisonSettings, pool_n: int,
+                   population_n: int) -> str:
     """The headline table, with the run's settings above it."""
-    def cell(row, key, fmt):
-        value = row.get(key)
-        return "-" if value is None else fmt.format(value)
-
-    lines = [f"# {settings['dataset']} / {settings['preset']}", ""]
-    if settings.get("note"):
-        lines += [settings["note"], ""]
-    lines += [f"{settings['num_models']} shadow models per arm, model {settings['model']}, "
-              f"{settings['epochs']} epochs, batch {settings['batch_size']}, pool "
-              f"{settings['pool_n']} examples, population {settings['population_n']}. "
+    lines = [f"# {settings.dataset} / {settings.preset}", ""]
+    if settings.note:
+        lines += [settings.note, ""]
+    lines += [f"{settings.num_models} shadow models per arm, model {settings.model}, "
+              f"{settings.epochs} epochs, batch {settings.batch_size}, pool "
+              f"{pool_n} examples, population {population_n}. "
               "MIA = LiRA online (each model the target, the others its shadows); "
               "D in nats over (model, member) pairs; refused = retired members; "
               "rho = Spearman of mean D_j against mean LiRA score of j as a member.", ""]
-    lines.append("| " + " | ".join(c[0] for c in TABLE_COLUMNS) + " |")
-    lines.append("|" + "---|" * len(TABLE_COLUMNS))
-    for row in rows:
-        lines.append("| " + " | ".join(cell(row, k, f) for _, k, f in TABLE_COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()}
-            for r in rows]
-    keys = list(dict.fromkeys(k for r in flat for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(flat)
+    return "\n".join(lines + [format_table(rows, TABLE_COLUMNS, markdown=True)]) + "\n"
 
 
 def plot_privacy_utility(rows: list[dict], path: str) -> None:
@@ -285,63 +210,42 @@ def save_per_example(path: str, record: ShadowRecord, audit: ShadowAudit) -> Non
 
 # ----------------------------------------------------------------------------
 
-def run(settings: dict, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run the comparison described by ``settings``; write and return results."""
-    out = settings["out"]
-    os.makedirs(os.path.join(out, "per_example"), exist_ok=True)
-    enable_compilation_cache(os.path.join(default_cache_dir(), "jax"))
-    pool, population = load_data(settings)
-    settings = dict(settings, pool_n=len(pool), population_n=len(population),
-                    num_classes=len(pool.class_names))
-    model = build_model(settings)
-    config = TrainConfig(
-        epochs=settings["epochs"], batch_size=settings["batch_size"],
-        learning_rate=settings["learning_rate"], optimizer=settings["optimizer"],
-        momentum=settings["momentum"], seed=settings["seed"],
-        augment=random_crop_flip if settings["augment"] else None,
-        checkpoint_every=settings["checkpoint_every"],
-        progress=settings["step_progress"])
-    arms = [parse_arm(text, reg=settings["reg"], delta=settings["delta"],
-                      clip_norm=settings["clip_norm"]) for text in settings["arms"]]
-    if len({a.name for a in arms}) != len(arms):
-        raise ValueError(f"two arms have the same name: {[a.name for a in arms]}")
+def run(settings: ComparisonSettings, out: str, *, resume: bool = False) -> dict:
+    """Run the comparison described by ``settings`` into ``out``; write and
+    return the results."""
+    harness.start(out, "per_example")
+    pool, population = harness.load_data(settings, settings.pool_size, settings.population_size)
+    model = harness.build_model(settings, len(pool.class_names))
+    arms = [harness.make_arm(text, settings) for text in settings.arms]
 
     rows, audits, evaluations = [], {}, {}
     start = time.perf_counter()
-    for arm in tqdm(arms, desc="arms", disable=not progress):
-        record, audit = audit_arm(
-            arm, pool=pool, population=population, model=model, config=config,
-            num_models=settings["num_models"], workdir=os.path.join(out, "shadow", arm.slug),
-            seed=settings["seed"], augmentations=settings["query_augmentations"],
-            attack_augmentations=settings["attack_augmentations"], resume=resume,
-            method=settings["method"], models_at_once=settings["models_at_once"],
-            progress=progress)
+    for arm in tqdm(arms, desc="arms", disable=not settings.progress):
+        record, audit = harness.shadow_audit(
+            arm, settings, pool=pool, population=population, model=model,
+            num_models=settings.num_models, workdir=os.path.join(out, "shadow", arm.slug),
+            query_augmentations=settings.query_augmentations,
+            attack_augmentations=settings.attack_augmentations, resume=resume,
+            models_at_once=settings.models_at_once)
         rows.append(summarize_arm(arm, record, audit))
         audits[arm.name] = audit
         evaluations[arm.name] = audit.evaluations["lira_online"]
         save_per_example(os.path.join(out, "per_example", f"{arm.slug}.npz"), record, audit)
 
-    results = {"arms": rows, "config": settings, "gujax_version": gujax.__version__,
-               "jax_version": jax.__version__, "total_wall_seconds": time.perf_counter() - start,
-               "command": " ".join(sys.argv)}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_csv(rows, os.path.join(out, "results.csv"))
-    table = markdown_table(rows, settings)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(table)
+    config = {**dataclasses.asdict(settings), "out": out, "pool_n": len(pool),
+              "population_n": len(population), "num_classes": len(pool.class_names)}
+    results = {"arms": rows, "config": config, **environment(),
+               "total_wall_seconds": time.perf_counter() - start}
+    write_report(out, record=results, rows=rows,
+                 table=markdown_table(rows, settings, len(pool), len(population)))
     plot_privacy_utility(rows, os.path.join(out, "privacy_utility.png"))
     plot_roc(evaluations, path=os.path.join(out, "roc.png"),
              title="LiRA online, pooled over targets")
     plot_disclosure_grid(audits, os.path.join(out, "gnq_vs_attack.png"))
-    if progress:
-        print(table)
-        print(f"results in {out}")
     return results
 
 
-def main(argv=None, *, dataset: str, presets: dict[str, dict],
-         default_preset: str = "default") -> dict:
-    parser = build_parser(dataset, presets, default_preset)
-    args = parser.parse_args(argv)
-    return run(settings_from_args(args, dataset, presets), resume=args.resume)
+def main(argv, experiment: harness.Experiment) -> dict:
+    """``python -m experiments.<experiment.name>``: parse, run, report."""
+    command = harness.parse_command_line(argv, experiment)
+    return run(command.settings, command.out, resume=command.resume)

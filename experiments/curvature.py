@@ -2,13 +2,13 @@
 
     python -m experiments.curvature                  # digits, a few minutes
     python -m experiments.curvature --preset smoke   # seconds
-    python -m experiments.curvature --arms plain dpsgd --num-probes 64 --num-shadow 16
+    python -m experiments.curvature --arms sgd dpsgd --num-probes 64 --num-shadow 16
 
-For each arm (plain SGD, DP-SGD at a calibrated epsilon, GNQ censor, GNQ clip;
-see experiments/_memorisation_common.py):
+For each arm (``sgd``, ``dpsgd`` at a calibrated epsilon, ``censor``, ``clip``;
+see experiments/memorisation.py):
 
   * one target model is trained on the ``num_train`` members (the pool), with
-    checkpoints at ``checkpoint_epochs`` along the run. On ``num_audit``
+    parameter snapshots at ``checkpoint_epochs`` along the one run. On ``num_audit``
     members and as many held-out non-members (the test split) the
     input-Hessian trace tr d^2 loss / dx^2 (Hutchinson, exact Hessian-vector
     products; ``gujax.audit.curvature.curvature_over_checkpoints``) is
@@ -38,6 +38,7 @@ arm) and <out>/summary.txt (the printed table and verdicts).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -50,132 +51,129 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gujax.data as gd  # noqa: E402
-from experiments import _memorisation_common as common  # noqa: E402
-from gujax.arms import ledger  # noqa: E402
+from experiments import harness, memorisation  # noqa: E402
+from experiments.harness import option  # noqa: E402
+from experiments.report import format_table  # noqa: E402
 from gujax.audit.attacks import loss_scores  # noqa: E402
 from gujax.audit.curvature import curvature_over_checkpoints  # noqa: E402
 from gujax.audit.metrics import auc  # noqa: E402
-from gujax.audit.shadow import attack, run_shadow_models  # noqa: E402
 
 NAME = "curvature"
 
-_DEFAULT = dict(
+
+@dataclasses.dataclass(frozen=True)
+class CurvatureSettings(memorisation.ArmSettings):
+    """The memorisation settings with arms, and the curvature estimate and
+    the shadow models."""
+    num_audit: int = option(256, "members and as many non-members whose curvature is measured")
+    checkpoint_epochs: tuple[int, ...] = option(
+        (20, 40, 60), "epochs whose parameters the curvature is averaged over (increasing, "
+                      "the last = epochs)")
+    num_probes: int = option(32, "Hutchinson probes per example and checkpoint")
+    num_shadow: int = option(8, "shadow models per arm for LiRA (>= 3)")
+
+    def check(self) -> None:
+        super().check()
+        epochs = self.checkpoint_epochs
+        if list(epochs) != sorted(set(epochs)) or epochs[0] < 1 or epochs[-1] != self.epochs:
+            raise ValueError(f"checkpoint_epochs must increase strictly from >= 1 to epochs = "
+                             f"{self.epochs}, got {epochs}")
+        if self.num_shadow < 3:
+            raise ValueError(f"num_shadow must be >= 3 (LiRA fits IN/OUT variances from the "
+                             f"other models), got {self.num_shadow}")
+        if not 2 <= self.num_audit <= min(self.num_train, self.num_test):
+            raise ValueError("num_audit must be in [2, min(num_train, num_test)], got "
+                             f"{self.num_audit}")
+
+
+_DEFAULT = CurvatureSettings(
     # 256 members and a wide MLP for 60 epochs: it overfits enough for
     # membership to be measurable (on 512 digits an MLP 64 generalises and both
     # curvature and the loss attack sit at chance, AUC 0.50).
-    dataset="digits", data_dir=None, seed=0, num_train=256, num_test=256, num_audit=256,
+    dataset="digits", seed=0, num_train=256, num_test=256, num_audit=256,
     model="mlp", hidden=(256,), epochs=60, checkpoint_epochs=(20, 40, 60), batch_size=64,
-    learning_rate=0.1, momentum=0.9, method="explicit", arms=common.ARMS, num_probes=32,
-    num_shadow=8,
-    gnq_reg=1e-2, censor_quantile=0.9, clip_quantile=0.5,
-    target_epsilon=8.0, delta=1e-5, l2_norm_clip=1.0, progress=True)
-PRESETS = {
-    "default": _DEFAULT,
-    "smoke": dict(_DEFAULT, num_train=128, num_test=64, num_audit=32, hidden=(16,), epochs=2,
-                  checkpoint_epochs=(1, 2), batch_size=32, num_probes=4, num_shadow=3,
-                  arms=("plain", "dpsgd"), progress=False),
-}
+    learning_rate=0.1, momentum=0.9, method="ghost", arms=("sgd", "dpsgd", "censor", "clip"),
+    num_probes=32, num_shadow=8,
+    reg=1e-2, censor_quantile=0.9, clip_quantile=0.5,
+    target_epsilon=8.0, delta=1e-5, clip_norm=1.0, progress=True, step_progress=True)
+PRESETS = harness.presets(
+    default=_DEFAULT,
+    smoke=dataclasses.replace(_DEFAULT, num_train=128, num_test=64, num_audit=32, hidden=(16,),
+                              epochs=2, checkpoint_epochs=(1, 2), batch_size=32, num_probes=4,
+                              num_shadow=3, arms=("sgd", "dpsgd"), progress=False),
+)
+EXPERIMENT = harness.Experiment(NAME, __doc__, PRESETS)
 
 
-def check_settings(settings: dict) -> None:
-    epochs = settings["checkpoint_epochs"]
-    if list(epochs) != sorted(set(epochs)) or epochs[0] < 1 or epochs[-1] != settings["epochs"]:
-        raise ValueError(f"checkpoint_epochs must increase strictly from >= 1 to epochs = "
-                         f"{settings['epochs']}, got {epochs}")
-    if settings["num_shadow"] < 3:
-        raise ValueError(f"num_shadow must be >= 3 (LiRA fits IN/OUT variances from the "
-                         f"other models), got "
-                         f"{settings['num_shadow']}")
-    if not 2 <= settings["num_audit"] <= min(settings["num_train"], settings["num_test"]):
-        raise ValueError("num_audit must be in [2, min(num_train, num_test)], got "
-                         f"{settings['num_audit']}")
-
-
-def train_with_checkpoints(arm: str, settings: dict, model, images, labels, thresholds):
-    """Params at each of ``checkpoint_epochs`` along ONE run, and the final
-    aggregator state (the run is resumed from the trainer's checkpoint)."""
-    checkpoints, result = [], None
-    with tempfile.TemporaryDirectory(prefix=f"curvature-{arm}-") as workdir:
-        for epochs in settings["checkpoint_epochs"]:
-            result = common.train_arm(arm, settings, model, images, labels,
-                                      seed=settings["seed"], thresholds=thresholds,
-                                      epochs=epochs, workdir=workdir)
-            # Host copies: params restored from a checkpoint and fresh ones must
-            # look alike to jit, or the curvature estimator recompiles per checkpoint.
-            checkpoints.append(jax.tree_util.tree_map(np.asarray, result.params))
-    return checkpoints, result.aggregator_state
-
-
-def lira_vulnerability(arm: str, settings: dict, model, data: dict, thresholds):
+def lira_vulnerability(arm, settings: CurvatureSettings, model, data: dict):
     """Train ``num_shadow`` shadow models of ``arm`` on random halves of the
     pool and attack them: (ShadowAudit, ShadowRecord). The models live in a
     temporary folder, removed afterwards."""
-    spec = common.make_arm(arm, settings, thresholds)
-    config = common.train_config(settings, spec, seed=settings["seed"])
-    with tempfile.TemporaryDirectory(prefix=f"curvature-shadow-{arm}-") as workdir:
-        record = run_shadow_models(
-            spec, pool=data["train_set"], population=data["test_set"], model=model,
-            config=config, num_models=settings["num_shadow"], workdir=workdir,
-            seed=settings["seed"], augmentations=("identity",), resume=False,
-            checkpoints=False, method=settings["method"], progress=settings["progress"])
-    # ks: top-k precision of D_j vs LiRA is not used here; k = 1 always fits (a larger
-    # k can exceed the examples with finite scores when the shadows are few).
-    return attack(record, ks=(1,)), record
+    with tempfile.TemporaryDirectory(prefix="curvature-shadow-") as workdir:
+        record, audit = harness.shadow_audit(
+            arm, settings, pool=data["train_set"], population=data["test_set"], model=model,
+            num_models=settings.num_shadow, workdir=workdir, query_augmentations=("identity",),
+            checkpoints=False)
+    return audit, record
 
 
-def audit_arm(arm: str, settings: dict, model, data: dict, thresholds) -> tuple[dict, object]:
-    """Curvature and membership figures of one arm; (record, final aggregator state)."""
-    checkpoints, state = train_with_checkpoints(arm, settings, model, data["train_images"],
-                                                data["train_labels"], thresholds)
+def audit_arm(arm, settings: CurvatureSettings, model, data: dict) -> tuple[dict, object]:
+    """Curvature and membership figures of one arm; (record, the target's ledger)."""
+    target = harness.train_arm(arm, settings, model,
+                               [(data["train_images"], data["train_labels"])], [settings.seed],
+                               snapshot_epochs=settings.checkpoint_epochs)[0]
+    # Host copies, all alike to jit: the curvature estimator compiles once.
+    checkpoints = [jax.tree_util.tree_map(np.asarray, target.snapshots[e])
+                   for e in settings.checkpoint_epochs]
     loss_fn = data["loss_fn"]
-    key = jax.random.key(settings["seed"])
+    key = jax.random.key(settings.seed)
     # Distinct probe streams for members and non-members (fold_in 0 / 1).
     members = curvature_over_checkpoints(
         loss_fn, checkpoints, data["members_x"], data["members_y"],
-        key=jax.random.fold_in(key, 0), num_probes=settings["num_probes"])
+        key=jax.random.fold_in(key, 0), num_probes=settings.num_probes)
     non_members = curvature_over_checkpoints(
         loss_fn, checkpoints, data["non_members_x"], data["non_members_y"],
-        key=jax.random.fold_in(key, 1), num_probes=settings["num_probes"])
+        key=jax.random.fold_in(key, 1), num_probes=settings.num_probes)
     curv_in, curv_out = np.asarray(members.trace), np.asarray(non_members.trace)
     curvature = np.concatenate([curv_in, curv_out])
     is_member = np.concatenate([np.ones(len(curv_in), bool), np.zeros(len(curv_out), bool)])
-    logits = common.apply_fn(model)(checkpoints[-1], np.concatenate(
+    logits = memorisation.apply_fn(model)(checkpoints[-1], np.concatenate(
         [data["members_x"], data["non_members_x"]]))
     loss_attack = np.asarray(loss_scores(logits, np.concatenate(
         [data["members_y"], data["non_members_y"]])))
-    book = ledger(state)
+    book = target.ledger
     disclosure = np.asarray(book.disclosure)[data["member_index"]]
-    shadow, shadow_record = lira_vulnerability(arm, settings, model, data, thresholds)
+    shadow, shadow_record = lira_vulnerability(arm, settings, model, data)
     vulnerability = shadow.vulnerability[data["member_index"]]
-    rho_d, p_d = common.spearman(curv_in, disclosure, with_p=True)
-    rho_v, p_v = common.spearman(curv_in, vulnerability, with_p=True)
-    rho_dv, p_dv = common.spearman(disclosure, vulnerability, with_p=True)
+    rho_d, p_d = memorisation.spearman(curv_in, disclosure, with_p=True)
+    rho_v, p_v = memorisation.spearman(curv_in, vulnerability, with_p=True)
+    rho_dv, p_dv = memorisation.spearman(disclosure, vulnerability, with_p=True)
     record = {
         "members": {"mean": float(curv_in.mean()), "median": float(np.median(curv_in)),
                     "mean_stderr": float(np.mean(np.asarray(members.stderr)))},
         "non_members": {"mean": float(curv_out.mean()), "median": float(np.median(curv_out)),
                         "mean_stderr": float(np.mean(np.asarray(non_members.stderr)))},
         "auc_low_curvature_is_member": auc(-curvature, is_member),
-        "auc_p_value": common.auc_p_value(-curvature, is_member),
+        "auc_p_value": memorisation.auc_p_value(-curvature, is_member),
         "loss_attack_auc": auc(loss_attack, is_member),
         "lira_auc": float(shadow.evaluations["lira_online"].auc),
-        "lira_tpr_at_1pct_fpr": float(shadow.evaluations["lira_online"].tpr_at_fpr[1]),
+        "lira_tpr_at_1pct_fpr": shadow.evaluations["lira_online"].tpr_at(0.01),
         "spearman_curvature_vs_disclosure": rho_d,
         "spearman_curvature_vs_disclosure_p": p_d,
         "spearman_curvature_vs_lira": rho_v,
         "spearman_curvature_vs_lira_p": p_v,
         "spearman_disclosure_vs_lira": rho_dv,
         "spearman_disclosure_vs_lira_p": p_dv,
-        "spearman_curvature_vs_loss_attack": common.spearman(curvature, loss_attack),
+        "spearman_curvature_vs_loss_attack": memorisation.spearman(curvature, loss_attack),
         "num_members_with_lira": int(np.sum(np.isfinite(vulnerability))),
         "shadow_test_accuracy": float(np.mean(shadow_record.test_accuracy)),
-        "test_accuracy": common.accuracy(model, checkpoints[-1], data["test_images"],
+        "test_accuracy": memorisation.accuracy(model, checkpoints[-1], data["test_images"],
                                          data["test_labels"]),
         "num_retired": int(np.sum(np.asarray(book.retired))),
         "per_example": {"member_curvature": curv_in, "non_member_curvature": curv_out,
                         "member_disclosure": disclosure, "member_lira": vulnerability},
     }
-    return record, state
+    return record, book
 
 
 def _log10(values) -> np.ndarray:
@@ -238,7 +236,7 @@ TABLE = [("arm", "arm", "{}"), ("test acc", "test_accuracy", "{:.3f}"),
 def table(arms: dict) -> str:
     rows = [dict(r, arm=arm, curv_in=r["members"]["median"], curv_out=r["non_members"]["median"])
             for arm, r in arms.items()]
-    return (common.format_table(rows, TABLE) +
+    return (format_table(rows, TABLE) +
             "\ncurv in/out = median input-loss curvature (trace, averaged over checkpoints) of "
             "members / non-members;\ncurv AUC = membership AUC with low curvature read as "
             "member, p its one-sided Mann-Whitney p-value; rho over the audited members\n"
@@ -250,11 +248,12 @@ SIGNIFICANCE = 0.05
 
 
 def claims(arms: dict) -> list[dict]:
-    """The papers' claims, checked against this run (see docs/memorisation.md)."""
+    """The papers' claims, checked against this run (see docs/memorisation.md).
+    ``arms``: arm text -> record; "sgd" is plain SGD."""
     out = []
     for arm in arms:
         r = arms[arm]
-        out.append(common.claim(
+        out.append(memorisation.claim(
             f"{arm}: members have lower input-loss curvature than non-members, so curvature "
             "is a membership signal (Ravikumar et al.)",
             r["auc_low_curvature_is_member"] > 0.5 and r["auc_p_value"] < SIGNIFICANCE,
@@ -274,20 +273,20 @@ def claims(arms: dict) -> list[dict]:
                                        "vulnerability among members (the GNQ claim)")):
             n = (r["num_members_with_lira"] if key.endswith("lira")
                  else len(r["per_example"]["member_curvature"]))
-            out.append(common.correlation_claim(
+            out.append(memorisation.correlation_claim(
                 f"{arm}: {text}", r[f"spearman_{key}"], r[f"spearman_{key}_p"], n,
                 alpha=SIGNIFICANCE))
-    if "plain" in arms:
-        for arm in ("dpsgd", "gnq_censor", "gnq_clip"):
-            if arm not in arms:
+    if "sgd" in arms:
+        for arm in arms:
+            if harness.arm_kind(arm) == "sgd":
                 continue
-            plain, other = arms["plain"], arms[arm]
+            plain, other = arms["sgd"], arms[arm]
 
             def signal(r):
                 return (r["auc_low_curvature_is_member"] > 0.5
                         and r["auc_p_value"] < SIGNIFICANCE)
 
-            out.append(common.claim(
+            out.append(memorisation.claim(
                 f"{arm} removes the member/non-member curvature gap that plain SGD shows (DP "
                 "bounds curvature, Ravikumar et al.; asked of the GNQ defenses too)",
                 not signal(other) if signal(plain) else None,
@@ -300,11 +299,11 @@ def claims(arms: dict) -> list[dict]:
     return out
 
 
-def prepare_data(settings: dict) -> dict:
-    train_set, test_set = common.load_data(settings)
-    rng = np.random.default_rng(settings["seed"])
-    member_index = np.sort(rng.choice(len(train_set), settings["num_audit"], replace=False))
-    out_index = np.sort(rng.choice(len(test_set), settings["num_audit"], replace=False))
+def prepare_data(settings: CurvatureSettings) -> dict:
+    train_set, test_set = memorisation.load_data(settings)
+    rng = np.random.default_rng(settings.seed)
+    member_index = np.sort(rng.choice(len(train_set), settings.num_audit, replace=False))
+    out_index = np.sort(rng.choice(len(test_set), settings.num_audit, replace=False))
     return dict(
         train_set=train_set, test_set=test_set,
         train_images=train_set.images, train_labels=train_set.labels,
@@ -318,29 +317,27 @@ def prepare_data(settings: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    settings, out = common.parse_settings(argv, name=NAME, description=__doc__,
-                                          presets=PRESETS)
-    check_settings(settings)
-    common.start_run(out)
+    settings, out, _ = harness.parse_command_line(argv, EXPERIMENT)
+    harness.start(out)
     start = time.time()
     data = prepare_data(settings)
-    model = common.make_model(settings, data["num_classes"])
-    data["loss_fn"] = common.xent_loss(model)  # one object: curvature compiles once
-    results, thresholds = common.run_arms(
-        settings, lambda arm, th: audit_arm(arm, settings, model, data, th), model,
+    model = harness.build_model(settings, data["num_classes"])
+    data["loss_fn"] = memorisation.xent_loss(model)  # one object: curvature compiles once
+    results, thresholds = memorisation.run_arms(
+        settings, lambda text, arm: audit_arm(arm, settings, model, data), model,
         data["train_images"], data["train_labels"])
-    record = common.base_record(settings)
+    record = memorisation.base_record(settings)
     record.update({
         "gnq_thresholds": thresholds._asdict(),
-        "dp_noise_multiplier": common.dp_noise_multiplier(settings)
-        if "dpsgd" in settings["arms"] else None,
+        "dp_noise_multiplier": memorisation.dp_noise_multiplier(settings)
+        if "dpsgd" in settings.arms else None,
         "arms": results,
         "claims": claims(results),
         "seconds": time.time() - start,
     })
     plot(os.path.join(out, f"{NAME}.png"), results)
-    common.write_json(os.path.join(out, f"{NAME}.json"), record)
-    common.report("Input-loss curvature", table(results), record["claims"], out, settings)
+    memorisation.write_results(out, NAME, record, title="Input-loss curvature",
+                               table=table(results))
     return record
 
 

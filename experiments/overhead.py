@@ -52,8 +52,8 @@ from tqdm import tqdm
 
 from gujax.ghost.capture import capture
 from gujax.ghost.clipping import ghost_clipped_sum, ghost_dpsgd
-from gujax.ghost.gram import tape_gram, tape_weighted_grad
-from gujax.gnq import gnq_from_gram
+from gujax.ghost.kernels import tape_gram, tape_weighted_grad
+from gujax.uniqueness import gnq_from_gram
 from gujax.grads import gram, per_example_grads
 from gujax.models import MLP, SmallCNN, TransformerLM
 

@@ -9,14 +9,16 @@ For ``num_batches`` batches of ``batch_size`` real training images, at each
 model state (``init``: the seed's initialisation; ``trained``: after
 ``train_epochs`` epochs of plain SGD on the training subset), the experiment
 computes every example's per-example gradient and its leave-one-out GNQ
-within the batch (``gujax.gnq.gnq``, relative reg ``gnq_reg``), then the
-gradient an attacker observes under each defense:
+within the batch (``gujax.uniqueness.gnq``, relative reg ``reg``), then the
+gradient an attacker observes under each defense (named as the arms,
+``experiments.harness``):
 
-  plain     the batch-mean gradient
+  sgd       the batch-mean gradient
   dpsgd     (sum_j clip_C(g_j) + N(0, sigma^2 C^2 I)) / B, sigma calibrated for
             a DP-SGD run of ``epochs`` epochs over ``num_train`` examples at
-            (target_epsilon, delta), Poisson sampling (the noise that run adds)
-  gnq_clip  sum_j c_j g_j / B with c_j the weights of ``gnq_clip`` at a cap of
+            (target_epsilon, delta), Poisson sampling (the noise that run adds),
+            C = ``clip_norm``
+  clip      sum_j c_j g_j / B with c_j the weights of ``gnq_clip`` at a cap of
             the batch's ``clip_quantile`` quantile of d_j = 1/2 log(1 + GNQ_j)
 
 and attacks it two ways:
@@ -40,7 +42,7 @@ correlation of PSNR with GNQ over all examples of all batches at a state.
 
 The DP noise is that of a DP-SGD run of ``epochs`` epochs at batch size
 ``batch_size`` over ``num_train`` examples; ``train_epochs`` is how long the
-``trained`` state is trained (plain SGD).
+``trained`` state is trained (the ``sgd`` arm).
 
 Prints a table and a verdict per claim (exact single-example recovery; PSNR
 rising with GNQ; DP-SGD and GNQ clipping lowering PSNR). Writes
@@ -50,6 +52,7 @@ and <out>/summary.txt (the printed table and verdicts).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -63,46 +66,65 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import gujax.data as gd  # noqa: E402
-from experiments import _memorisation_common as common  # noqa: E402
+from experiments import harness, memorisation  # noqa: E402
+from experiments.harness import option  # noqa: E402
+from experiments.report import format_table  # noqa: E402
 from gujax.audit.reconstruction import (invert_dense_gradient, invert_gradient,  # noqa: E402
                                         match_reconstructions, psnr, ssim)
 from gujax.dpsgd import dpsgd_aggregate  # noqa: E402
-from gujax.gnq import disclosure, gnq  # noqa: E402
 from gujax.grads import per_example_grads  # noqa: E402
 from gujax.transforms import gnq_clip  # noqa: E402
+from gujax.uniqueness import disclosure, gnq  # noqa: E402
 
 NAME = "reconstruction"
-DEFENSES = ("plain", "dpsgd", "gnq_clip")
+DEFENSES = ("sgd", "dpsgd", "clip")
 STATES = ("init", "trained")
 # Reconstructions exact to float32 rounding have PSNR ~ 130 dB or +inf; they
 # are all reported as this value.
 PSNR_CEILING = 100.0
 
-_DEFAULT = dict(
-    dataset="digits", data_dir=None, seed=0, num_train=512, num_test=64,
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructionSettings(memorisation.MemorisationSettings):
+    """The memorisation settings, and the model states, the attacked batches
+    and the inversion."""
+    states: tuple[str, ...] = option(STATES, "model states attacked: init (the seed's "
+                                             "initialisation), trained (train_epochs of sgd)",
+                                     choices=STATES)
+    train_epochs: int = option(10, "epochs of plain SGD for the trained state")
+    num_batches: int = option(6, "attacked batches per state")
+    attack_batch_size: int = option(8, "examples per attacked batch (>= 2)")
+    inversion_steps: int = option(1500, "Adam steps of the gradient-matching inversion")
+    inversion_learning_rate: float = option(0.05, "the inversion's learning rate")
+    tv_weight: float = option(1e-3, "weight of the inversion's total-variation prior")
+    clip_quantile: float = option(0.5, "the clip defense's cap: this quantile of the batch's "
+                                       "d_j")
+
+    def check(self) -> None:
+        super().check()
+        if self.model != "mlp":
+            raise ValueError("the analytic attack needs a dense first layer: use --model mlp")
+        if self.attack_batch_size < 2:
+            raise ValueError("attack_batch_size must be >= 2 (GNQ needs peers)")
+        if self.num_batches * self.attack_batch_size > self.num_train:
+            raise ValueError("num_batches * attack_batch_size exceeds num_train")
+
+
+_DEFAULT = ReconstructionSettings(
+    dataset="digits", seed=0, num_train=512, num_test=64,
     model="mlp", hidden=(64,), epochs=30, batch_size=64, learning_rate=0.1, momentum=0.9,
-    method="explicit",
+    method="ghost",
     states=STATES, train_epochs=10, num_batches=6, attack_batch_size=8,
     inversion_steps=1500, inversion_learning_rate=0.05, tv_weight=1e-3,
-    gnq_reg=1e-2, clip_quantile=0.5, target_epsilon=8.0, delta=1e-5, l2_norm_clip=1.0,
-    progress=True)
-PRESETS = {
-    "default": _DEFAULT,
-    "smoke": dict(_DEFAULT, num_train=128, hidden=(16,), batch_size=32, train_epochs=1,
-                  num_batches=1, attack_batch_size=4, inversion_steps=40, progress=False),
-}
-
-
-def check_settings(settings: dict) -> None:
-    unknown = set(settings["states"]) - set(STATES)
-    if unknown:
-        raise ValueError(f"unknown states {sorted(unknown)}; choose from {', '.join(STATES)}")
-    if settings["model"] != "mlp":
-        raise ValueError("the analytic attack needs a dense first layer: use --model mlp")
-    if settings["attack_batch_size"] < 2:
-        raise ValueError("attack_batch_size must be >= 2 (GNQ needs peers)")
-    if settings["num_batches"] * settings["attack_batch_size"] > settings["num_train"]:
-        raise ValueError("num_batches * attack_batch_size exceeds num_train")
+    reg=1e-2, clip_quantile=0.5, target_epsilon=8.0, delta=1e-5, clip_norm=1.0,
+    progress=True, step_progress=True)
+PRESETS = harness.presets(
+    default=_DEFAULT,
+    smoke=dataclasses.replace(_DEFAULT, num_train=128, hidden=(16,), batch_size=32,
+                              train_epochs=1, num_batches=1, attack_batch_size=4,
+                              inversion_steps=40, progress=False),
+)
+EXPERIMENT = harness.Experiment(NAME, __doc__, PRESETS)
 
 
 def capped_psnr(reconstruction, original) -> float:
@@ -121,27 +143,28 @@ def best_unit_psnr(dense_grads, originals) -> np.ndarray:
     return np.array([max(capped_psnr(c, x) for c in candidates) for x in flat])
 
 
-def observed_gradients(grads, settings: dict, gnq_scores, key_seed: int) -> dict:
+def observed_gradients(grads, settings: ReconstructionSettings, gnq_scores, key_seed: int
+                       ) -> dict:
     """The aggregate gradient an attacker sees under each defense (a pytree each)."""
     b = len(gnq_scores)
-    dp = dpsgd_aggregate(l2_norm_clip=settings["l2_norm_clip"],
-                         noise_multiplier=common.dp_noise_multiplier(settings),
+    dp = dpsgd_aggregate(l2_norm_clip=settings.clip_norm,
+                         noise_multiplier=memorisation.dp_noise_multiplier(settings),
                          expected_batch_size=b, seed=key_seed)
     dp_update, _ = dp.update(grads, dp.init(None))
-    cap = float(np.quantile(np.asarray(disclosure(gnq_scores)), settings["clip_quantile"]))
-    clip = gnq_clip(max_step_disclosure=cap, num_examples=b, reg=settings["gnq_reg"])
+    cap = float(np.quantile(np.asarray(disclosure(gnq_scores)), settings.clip_quantile))
+    clip = gnq_clip(max_step_disclosure=cap, num_examples=b, reg=settings.reg)
     clip_update, clip_state = clip.update(grads, clip.init(None), example_ids=jnp.arange(b))
     mean = jax.tree_util.tree_map(lambda g: g.mean(0), grads)
-    return {"plain": mean, "dpsgd": dp_update, "gnq_clip": clip_update,
+    return {"sgd": mean, "dpsgd": dp_update, "clip": clip_update,
             "clip_cap_nats": cap, "num_clipped": int(clip_state.num_clipped)}
 
 
-def attack_batch(model, params, images, labels, settings: dict, key) -> dict:
+def attack_batch(model, params, images, labels, settings: ReconstructionSettings, key) -> dict:
     """Per-example GNQ, and per defense the PSNR/SSIM of both attacks."""
-    loss = common.xent_loss(model)
+    loss = memorisation.xent_loss(model)
     grads = per_example_grads(lambda p, ex: loss(p, ex["x"], ex["y"]), params,
                               {"x": images, "y": jnp.asarray(labels)})
-    scores = np.asarray(gnq(grads, reg=settings["gnq_reg"]))
+    scores = np.asarray(gnq(grads, reg=settings.reg))
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
     observed = observed_gradients(grads, settings, scores, seed)
     single = [capped_psnr(invert_dense_gradient(jax.tree_util.tree_map(
@@ -153,13 +176,13 @@ def attack_batch(model, params, images, labels, settings: dict, key) -> dict:
     originals = np.asarray(images)
     for d, defense in enumerate(DEFENSES):
         target = observed[defense]
-        inversion = invert_gradient(common.apply_fn(model), params, target,
+        inversion = invert_gradient(memorisation.apply_fn(model), params, target,
                                     input_shape=images.shape[1:], num_examples=len(images),
                                     key=jax.random.fold_in(key, d), labels=jnp.asarray(labels),
-                                    num_steps=settings["inversion_steps"],
-                                    learning_rate=settings["inversion_learning_rate"],
-                                    tv_weight=settings["tv_weight"],
-                                    steps_per_call=min(200, settings["inversion_steps"]))
+                                    num_steps=settings.inversion_steps,
+                                    learning_rate=settings.inversion_learning_rate,
+                                    tv_weight=settings.tv_weight,
+                                    steps_per_call=min(200, settings.inversion_steps))
         recon = np.clip(np.asarray(inversion.images), 0, 1)
         match = match_reconstructions(recon, originals)
         paired = recon[match.order]
@@ -188,8 +211,8 @@ def summarise(batches: list[dict]) -> dict:
     for defense in DEFENSES:
         per = {k: np.concatenate([b["defenses"][defense][k] for b in batches])
                for k in ("analytic_psnr", "inversion_psnr", "inversion_ssim")}
-        rho_a, p_a = common.spearman(per["analytic_psnr"], scores, with_p=True)
-        rho_i, p_i = common.spearman(per["inversion_psnr"], scores, with_p=True)
+        rho_a, p_a = memorisation.spearman(per["analytic_psnr"], scores, with_p=True)
+        rho_i, p_i = memorisation.spearman(per["inversion_psnr"], scores, with_p=True)
         out["defenses"][defense] = {
             "analytic_psnr_mean": float(per["analytic_psnr"].mean()),
             "analytic_psnr_median": float(np.median(per["analytic_psnr"])),
@@ -219,7 +242,7 @@ TABLE = [("state", "state", "{}"), ("defense", "defense", "{}"),
 def table(summaries: dict) -> str:
     rows = [dict(d, state=state, defense=defense)
             for state, s in summaries.items() for defense, d in s["defenses"].items()]
-    return (common.format_table(rows, TABLE) +
+    return (format_table(rows, TABLE) +
             f"\nPSNR in dB (capped at {PSNR_CEILING:g}), means over all attacked examples; "
             "analytic = best unit of the dense first layer, exact = fraction at the cap;\n"
             "inv = gradient-matching inversion; d>cap = the examples gnq_clip scales down; "
@@ -233,30 +256,30 @@ def claims(summaries: dict) -> list[dict]:
     """The claims, checked against this run (see docs/memorisation.md)."""
     out = []
     for state, s in summaries.items():
-        out.append(common.claim(
+        out.append(memorisation.claim(
             f"{state}: one example's gradient reveals it exactly (dense first layer, weight "
             "row / bias ratio)", s["single_example_min_psnr"] >= PSNR_CEILING,
             f"lowest PSNR over {s['num_examples']} examples: "
             f"{s['single_example_min_psnr']:.1f} dB (cap {PSNR_CEILING:g})"))
-        plain = s["defenses"]["plain"]
+        plain = s["defenses"]["sgd"]
         for attack, key in (("inversion", "spearman_inversion_psnr_vs_gnq"),
                             ("analytic", "spearman_analytic_psnr_vs_gnq")):
-            out.append(common.correlation_claim(
+            out.append(memorisation.correlation_claim(
                 f"{state}: examples with a higher GNQ in their batch are reconstructed better "
                 f"from the plain batch gradient ({attack} attack; PSNR vs GNQ)",
                 plain[key], plain[key + "_p"], s["num_examples"], alpha=SIGNIFICANCE))
         dp = s["defenses"]["dpsgd"]
-        out.append(common.claim(
+        out.append(memorisation.claim(
             f"{state}: DP-SGD's noise lowers reconstruction quality",
             dp["inversion_psnr_mean"] < plain["inversion_psnr_mean"]
             and dp["analytic_psnr_mean"] < plain["analytic_psnr_mean"],
             f"mean PSNR inversion plain {plain['inversion_psnr_mean']:.1f} vs DP-SGD "
             f"{dp['inversion_psnr_mean']:.1f} dB; analytic {plain['analytic_psnr_mean']:.1f} vs "
             f"{dp['analytic_psnr_mean']:.1f} dB"))
-        clip = s["defenses"]["gnq_clip"]
+        clip = s["defenses"]["clip"]
         high_plain = plain["inversion_psnr_mean_over_clip_cap"]
         high_clip = clip["inversion_psnr_mean_over_clip_cap"]
-        out.append(common.claim(
+        out.append(memorisation.claim(
             f"{state}: GNQ clipping lowers the reconstruction quality of the high-GNQ examples "
             "it scales down",
             None if high_plain is None else bool(high_clip < high_plain),
@@ -316,38 +339,37 @@ def plot(path: str, results: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    settings, out = common.parse_settings(argv, name=NAME, description=__doc__,
-                                          presets=PRESETS)
-    check_settings(settings)
-    common.start_run(out)
+    settings, out, _ = harness.parse_command_line(argv, EXPERIMENT)
+    harness.start(out)
     start = time.time()
-    train_set, _ = common.load_data(settings)
-    model = common.make_model(settings, len(train_set.class_names))
-    rng = np.random.default_rng(settings["seed"])
-    picks = rng.choice(len(train_set), settings["num_batches"] * settings["attack_batch_size"],
-                       replace=False).reshape(settings["num_batches"], -1)
+    train_set, _ = memorisation.load_data(settings)
+    model = harness.build_model(settings, len(train_set.class_names))
+    rng = np.random.default_rng(settings.seed)
+    picks = rng.choice(len(train_set), settings.num_batches * settings.attack_batch_size,
+                       replace=False).reshape(settings.num_batches, -1)
     results = {}
-    for state in settings["states"]:
+    for state in settings.states:
         # Each state its own DP noise and inversion starts.
-        key = jax.random.fold_in(jax.random.key(settings["seed"]), STATES.index(state))
+        key = jax.random.fold_in(jax.random.key(settings.seed), STATES.index(state))
         if state == "init":
-            params = common.init_params(model, train_set.images.shape[1:], settings["seed"])
+            params = harness.init_params(model, train_set.images.shape[1:], settings.seed)
         else:
-            params = common.train_arm("plain", settings, model, train_set.images,
-                                      train_set.labels, seed=settings["seed"],
-                                      epochs=settings["train_epochs"]).params
+            params = harness.train_arm(
+                harness.make_arm("sgd", settings),
+                dataclasses.replace(settings, epochs=settings.train_epochs), model,
+                [(train_set.images, train_set.labels)], [settings.seed])[0].params
         batches = [attack_batch(model, params, np.asarray(gd.to_float(train_set.images[rows])),
                                 train_set.labels[rows], settings, jax.random.fold_in(key, i))
                    for i, rows in enumerate(tqdm(picks, desc=f"{state} batches",
-                                                 disable=not settings["progress"]))]
+                                                 disable=not settings.progress))]
         results[state] = {"batches": batches,
                           "originals": np.asarray(gd.to_float(train_set.images[picks[0]])),
                           "summary": summarise(batches)}
     plot(os.path.join(out, f"{NAME}.png"), results)
-    record = common.base_record(settings)
+    record = memorisation.base_record(settings)
     record.update({
         "psnr_ceiling_db": PSNR_CEILING,
-        "dp_noise_multiplier": common.dp_noise_multiplier(settings),
+        "dp_noise_multiplier": memorisation.dp_noise_multiplier(settings),
         "batch_ids": train_set.ids[picks],
         "states": {state: {"summary": r["summary"], "batches": [
             {**{k: v for k, v in b.items() if k != "defenses"},
@@ -358,9 +380,8 @@ def main(argv=None) -> dict:
     summaries = {state: r["summary"] for state, r in results.items()}
     record["claims"] = claims(summaries)
     record["seconds"] = time.time() - start
-    common.write_json(os.path.join(out, f"{NAME}.json"), record)
-    common.report("Reconstruction from gradients", table(summaries), record["claims"], out,
-                  settings)
+    memorisation.write_results(out, NAME, record, title="Reconstruction from gradients",
+                               table=table(summaries))
     return record
 
 

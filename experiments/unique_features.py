@@ -2,12 +2,13 @@
 
     python -m experiments.unique_features                  # digits, a few minutes
     python -m experiments.unique_features --preset smoke   # seconds
-    python -m experiments.unique_features --arms plain gnq_censor --num-reference 6
+    python -m experiments.unique_features --arms sgd censor --num-reference 6
 
 A distinctive feature (a checkerboard patch, or stamped text on images large
 enough to hold it) is put into exactly ONE training image, the *carrier*.
-For each arm (plain SGD, DP-SGD at a calibrated epsilon, GNQ censor, GNQ clip;
-see experiments/_memorisation_common.py) the experiment trains
+For each arm (``sgd``, ``dpsgd`` at a calibrated epsilon, ``censor``, ``clip``;
+see experiments/memorisation.py) the experiment trains, together in one
+vmapped step (``gujax.train.train_stacked``),
 
   * the target: the training set with the carrier, seed ``seed``;
   * ``num_reference`` references: the same set with the carrier left clean,
@@ -30,6 +31,7 @@ percentile) and <out>/summary.txt (the printed table and verdicts).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -39,28 +41,49 @@ matplotlib.use("Agg")
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 import gujax.data as gd  # noqa: E402
-from experiments import _memorisation_common as common  # noqa: E402
-from gujax.arms import ledger  # noqa: E402
+from experiments import harness, memorisation  # noqa: E402
+from experiments.harness import option  # noqa: E402
+from experiments.report import format_table  # noqa: E402
 from gujax.audit.unique_features import (feature_kl, insert_patch, memorisation_score,  # noqa: E402
                                          stamp_text)
 
 NAME = "unique_features"
 
-_DEFAULT = dict(
-    dataset="digits", data_dir=None, seed=0, num_train=512, num_test=256,
+
+@dataclasses.dataclass(frozen=True)
+class UniqueFeaturesSettings(memorisation.ArmSettings):
+    """The memorisation settings with arms, and the feature and its references."""
+    num_reference: int = option(6, "reference models, trained with the carrier left clean "
+                                   "(>= 2: the score needs a spread)")
+    feature: str = option("patch", "the unique feature: a checkerboard patch or stamped text",
+                          choices=("patch", "text"))
+    patch_size: int = option(3, "side of the checkerboard patch, pixels")
+    text: str = option("AB", "the stamped text (feature text)")
+    feature_row: int = option(0, "top row of the feature")
+    feature_col: int = option(0, "left column of the feature")
+
+    def check(self) -> None:
+        super().check()
+        if self.num_reference < 2:
+            raise ValueError("num_reference must be >= 2 (the score needs a spread)")
+
+
+_DEFAULT = UniqueFeaturesSettings(
+    dataset="digits", seed=0, num_train=512, num_test=256,
     model="mlp", hidden=(64,), epochs=30, batch_size=64, learning_rate=0.1, momentum=0.9,
-    method="explicit", arms=common.ARMS, num_reference=6,
+    method="ghost", arms=("sgd", "dpsgd", "censor", "clip"), num_reference=6,
     feature="patch", patch_size=3, text="AB", feature_row=0, feature_col=0,
-    gnq_reg=1e-2, censor_quantile=0.9, clip_quantile=0.5,
-    target_epsilon=8.0, delta=1e-5, l2_norm_clip=1.0, progress=True)
-PRESETS = {
-    "default": _DEFAULT,
-    "smoke": dict(_DEFAULT, num_train=128, num_test=64, hidden=(16,), epochs=2, batch_size=32,
-                  num_reference=2, arms=("plain", "dpsgd", "gnq_censor"), progress=False),
-}
+    reg=1e-2, censor_quantile=0.9, clip_quantile=0.5,
+    target_epsilon=8.0, delta=1e-5, clip_norm=1.0, progress=True, step_progress=True)
+PRESETS = harness.presets(
+    default=_DEFAULT,
+    smoke=dataclasses.replace(_DEFAULT, num_train=128, num_test=64, hidden=(16,), epochs=2,
+                              batch_size=32, num_reference=2, arms=("sgd", "dpsgd", "censor"),
+                              progress=False),
+)
+EXPERIMENT = harness.Experiment(NAME, __doc__, PRESETS)
 # A memorisation z-score above this counts as "the target reacts to the
 # feature more than the references do" in the printed verdicts.
 Z_MEMORISED = 2.0
@@ -76,26 +99,25 @@ def checkerboard(size: int, channels: int) -> np.ndarray:
     return np.repeat(board[..., None], channels, axis=-1)
 
 
-def add_feature(images: np.ndarray, settings: dict) -> np.ndarray:
+def add_feature(images: np.ndarray, settings: UniqueFeaturesSettings) -> np.ndarray:
     """The feature on every image of (..., H, W, C) uint8 ``images``."""
-    position = (settings["feature_row"], settings["feature_col"])
-    if settings["feature"] == "patch":
-        return insert_patch(images, checkerboard(settings["patch_size"], images.shape[-1]),
+    position = (settings.feature_row, settings.feature_col)
+    if settings.feature == "patch":
+        return insert_patch(images, checkerboard(settings.patch_size, images.shape[-1]),
                             position)
-    if settings["feature"] == "text":
-        return stamp_text(images, settings["text"], position=position)
-    raise ValueError(f"feature must be 'patch' or 'text', got {settings['feature']!r}")
+    if settings.feature == "text":
+        return stamp_text(images, settings.text, position=position)
+    raise ValueError(f"feature must be 'patch' or 'text', got {settings.feature!r}")
 
 
-def carrier_ledger(aggregator_state, carrier: int) -> dict:
-    """How the GNQ ledger of one run saw example ``carrier``.
+def carrier_ledger(book, carrier: int) -> dict:
+    """How the GNQ ledger ``book`` of one run saw example ``carrier``.
 
     Rank 1 = the largest D_j of the run; percentiles are over the examples
-    the run scored at least once (``common.percentile_rank``). ``refused_steps``
+    the run scored at least once (``memorisation.percentile_rank``). ``refused_steps``
     = steps in which the carrier was in the batch but given weight 0; the
     defense *refused* it when that is > 0 or it was retired.
     """
-    book = ledger(aggregator_state)
     scored = np.asarray(book.times_scored) > 0
     index = int(np.sum(scored[:carrier]))  # carrier's position among scored examples
     disclosure = np.asarray(book.disclosure)[scored]
@@ -108,10 +130,10 @@ def carrier_ledger(aggregator_state, carrier: int) -> dict:
         "disclosure_nats": float(disclosure[index]),
         "disclosure_rank": int(1 + np.sum(disclosure > disclosure[index])),
         "num_ranked": int(len(disclosure)),
-        "disclosure_percentile": common.percentile_rank(disclosure, index),
+        "disclosure_percentile": memorisation.percentile_rank(disclosure, index),
         "mean_gnq": float(np.asarray(book.cumulative_gnq)[carrier] / used[carrier]),
         "last_gnq": float(last_gnq[index]),
-        "last_gnq_percentile": common.percentile_rank(last_gnq, index),
+        "last_gnq_percentile": memorisation.percentile_rank(last_gnq, index),
         "median_disclosure_nats": float(np.median(disclosure)),
         "retired": retired,
         "times_scored": times_scored,
@@ -126,31 +148,27 @@ def label_shift(model, params, ood, ood_with, label: int) -> float:
     """Mean increase of p(label) on the OOD images (uint8) when the feature is
     added: how far the feature alone pulls predictions to the carrier's class."""
     def prob(images):
-        logits = common.apply_fn(model)(params, gd.to_float(images))
+        logits = memorisation.apply_fn(model)(params, gd.to_float(images))
         return np.asarray(jax.nn.softmax(logits, axis=-1))[:, label]
     return float(np.mean(prob(ood_with) - prob(ood)))
 
 
-def run_arm(arm: str, settings: dict, model, data: dict, thresholds) -> tuple[dict, object]:
-    """Target and references of one arm; returns (record, target aggregator state)."""
-    fapply = common.apply_fn(model)
+def run_arm(arm, settings: UniqueFeaturesSettings, model, data: dict) -> tuple[dict, object]:
+    """Target and references of one arm, trained together; returns (record,
+    the target's ledger)."""
+    fapply = memorisation.apply_fn(model)
     ood, ood_with = gd.to_float(data["ood"]), gd.to_float(data["ood_with"])
     carrier, label = data["carrier"], int(data["labels"][data["carrier"]])
-    runs = [("target", data["featured"], settings["seed"])] + [
-        ("reference", data["clean"], settings["seed"] + r + 1)
-        for r in range(settings["num_reference"])]
-    kls, ledgers, shifts, accuracies, target_state = [], [], [], [], None
-    for kind, images, seed in tqdm(runs, desc=f"{arm} models", leave=False,
-                                   disable=not settings["progress"]):
-        result = common.train_arm(arm, settings, model, images, data["labels"], seed=seed,
-                                  thresholds=thresholds)
-        kls.append(np.asarray(feature_kl(fapply, result.params, ood, ood_with)))
-        ledgers.append(carrier_ledger(result.aggregator_state, carrier))
-        shifts.append(label_shift(model, result.params, data["ood"], data["ood_with"], label))
-        accuracies.append(common.accuracy(model, result.params, data["test_images"],
-                                          data["test_labels"]))
-        if kind == "target":
-            target_state = result.aggregator_state
+    images = [data["featured"]] + [data["clean"]] * settings.num_reference
+    models = harness.train_arm(arm, settings, model, [(x, data["labels"]) for x in images],
+                               [settings.seed + r for r in range(len(images))])
+    kls, ledgers, shifts, accuracies = [], [], [], []
+    for trained in models:
+        kls.append(np.asarray(feature_kl(fapply, trained.params, ood, ood_with)))
+        ledgers.append(carrier_ledger(trained.ledger, carrier))
+        shifts.append(label_shift(model, trained.params, data["ood"], data["ood_with"], label))
+        accuracies.append(memorisation.accuracy(model, trained.params, data["test_images"],
+                                                data["test_labels"]))
     score = memorisation_score(kls[0], np.stack(kls[1:]))
     record = {
         "memorisation": score,
@@ -163,7 +181,7 @@ def run_arm(arm: str, settings: dict, model, data: dict, thresholds) -> tuple[di
         "reference_test_accuracy": accuracies[1:],
         "reference_mean_kls": [float(k.mean()) for k in kls[1:]],
     }
-    return record, target_state
+    return record, models[0].ledger
 
 
 def plot(path: str, data: dict, arms: dict) -> None:
@@ -203,10 +221,10 @@ def plot(path: str, data: dict, arms: dict) -> None:
     plt.close(fig)
 
 
-def prepare_data(settings: dict) -> dict:
+def prepare_data(settings: UniqueFeaturesSettings) -> dict:
     """Training set with/without the feature on the carrier, OOD images, test set."""
-    train_set, test_set = common.load_data(settings)
-    rng = np.random.default_rng(settings["seed"])
+    train_set, test_set = memorisation.load_data(settings)
+    rng = np.random.default_rng(settings.seed)
     carrier = int(rng.integers(len(train_set)))
     label = int(train_set.labels[carrier])
     featured = train_set.images.copy()
@@ -221,34 +239,30 @@ def prepare_data(settings: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    settings, out = common.parse_settings(argv, name=NAME, description=__doc__,
-                                          presets=PRESETS)
-    if settings["num_reference"] < 2:
-        raise ValueError("num_reference must be >= 2 (the score needs a spread)")
-    common.start_run(out)
+    settings, out, _ = harness.parse_command_line(argv, EXPERIMENT)
+    harness.start(out)
     start = time.time()
     data = prepare_data(settings)
-    model = common.make_model(settings, data["num_classes"])
-    results, thresholds = common.run_arms(
-        settings, lambda arm, th: run_arm(arm, settings, model, data, th), model,
+    model = harness.build_model(settings, data["num_classes"])
+    results, thresholds = memorisation.run_arms(
+        settings, lambda text, arm: run_arm(arm, settings, model, data), model,
         data["featured"], data["labels"])
-    record = common.base_record(settings)
+    record = memorisation.base_record(settings)
     record.update({
         "carrier_index": data["carrier"],
         "carrier_id": int(data["ids"][data["carrier"]]),
         "carrier_label": int(data["labels"][data["carrier"]]),
         "num_ood_images": int(len(data["ood"])),
         "gnq_thresholds": thresholds._asdict(),
-        "dp_noise_multiplier": common.dp_noise_multiplier(settings)
-        if "dpsgd" in settings["arms"] else None,
+        "dp_noise_multiplier": memorisation.dp_noise_multiplier(settings)
+        if "dpsgd" in settings.arms else None,
         "arms": results,
     })
     record["claims"] = claims(results, settings)
     record["seconds"] = time.time() - start
-    common.write_json(os.path.join(out, f"{NAME}.json"), record)
     plot(os.path.join(out, f"{NAME}.png"), data, results)
-    common.report("Unique-feature memorisation", table(results), record["claims"], out,
-                  settings)
+    memorisation.write_results(out, NAME, record, title="Unique-feature memorisation",
+                               table=table(results))
     return record
 
 
@@ -276,17 +290,23 @@ def table(arms: dict) -> str:
             "refused": ("retired" if carrier["retired"] else
                         f"{carrier['refused_steps']}/{carrier['times_scored']} steps"
                         if carrier["refused"] else "no")})
-    return (common.format_table(rows, TABLE) +
+    return (format_table(rows, TABLE) +
             "\nKL = mean over OOD images of KL(p(y|x+feature) || p(y|x)), nats; z, ratio, p: "
             "target vs references (memorisation_score);\ndp(label) = mean change of p(carrier "
             "label) on OOD images; carrier D = its D_j (nats), rank 1 = largest of the run; "
             "D pct refs = the clean carrier's percentile in the reference runs.")
 
 
-def claims(arms: dict, settings: dict) -> list[dict]:
-    """The papers' claims, checked against this run (see docs/memorisation.md)."""
+DEFENSE_CLAIMS = {"dpsgd": "DP-SGD prevents the memorisation",
+                  "censor": "The GNQ censor refuses the carrier and prevents the memorisation",
+                  "clip": "GNQ clipping prevents the memorisation"}
+
+
+def claims(arms: dict, settings: UniqueFeaturesSettings) -> list[dict]:
+    """The papers' claims, checked against this run (see docs/memorisation.md).
+    ``arms``: arm text -> record; "sgd" is plain SGD."""
     out = []
-    floor = 1 / (settings["num_reference"] + 1)
+    floor = 1 / (settings.num_reference + 1)
 
     def memorised(arm):
         s = arms[arm]["memorisation"]
@@ -299,13 +319,13 @@ def claims(arms: dict, settings: dict) -> list[dict]:
                 f"{s['p_value']:.2f} (floor {floor:.2f}); memorised means z > {Z_MEMORISED:g} "
                 f"and the target above every reference")
 
-    if "plain" in arms:
-        out.append(common.claim(
+    if "sgd" in arms:
+        out.append(memorisation.claim(
             "Plain SGD memorises a feature seen in one training image (Hartley & Tsaftaris)",
-            memorised("plain"), evidence("plain")))
-        c = arms["plain"]["target_carrier"]
-        refs = arms["plain"]["reference_carrier_disclosure_percentile"]
-        out.append(common.claim(
+            memorised("sgd"), evidence("sgd")))
+        c = arms["sgd"]["target_carrier"]
+        refs = arms["sgd"]["reference_carrier_disclosure_percentile"]
+        out.append(memorisation.claim(
             f"GNQ flags the carrier: its D_j is in the top {100 - FLAG_PERCENTILE:g}% of the "
             "training set under plain SGD",
             c["disclosure_percentile"] >= FLAG_PERCENTILE,
@@ -313,24 +333,23 @@ def claims(arms: dict, settings: dict) -> list[dict]:
             f"{c['num_ranked']} (percentile {c['disclosure_percentile']:.1f}); the same image "
             f"without the feature in the references: percentiles "
             f"{', '.join(f'{p:.1f}' for p in refs)}"))
-    for arm, text in (("dpsgd", "DP-SGD prevents the memorisation"),
-                      ("gnq_censor", "The GNQ censor refuses the carrier and prevents the "
-                                     "memorisation"),
-                      ("gnq_clip", "GNQ clipping prevents the memorisation")):
-        if arm not in arms:
+    for arm in arms:
+        kind = harness.arm_kind(arm)
+        if kind == "sgd":
             continue
+        text = DEFENSE_CLAIMS[kind] + ("" if arm == kind else f" ({arm})")
         carrier = arms[arm]["target_carrier"]
-        if "plain" in arms and not memorised("plain"):
+        if "sgd" in arms and not memorised("sgd"):
             verdict = None
             note = "; undetermined: plain SGD did not memorise the feature in this run"
         else:
             verdict = not memorised(arm)
-            if arm == "gnq_censor":
+            if kind == "censor":
                 verdict = verdict and carrier["refused"]
             note = ""
         refused = (f"; carrier retired: {carrier['retired']}, refused in "
                    f"{carrier['refused_steps']}/{carrier['times_scored']} steps")
-        out.append(common.claim(text, verdict, evidence(arm) + refused + note))
+        out.append(memorisation.claim(text, verdict, evidence(arm) + refused + note))
     return out
 
 

@@ -1,16 +1,16 @@
 """Training arms: what each compared algorithm is, and the one place it becomes
-the trainer's aggregator (and gradient stage).
+the trainer's stage (``gujax.engine.make_stage``).
 
 An ``Arm`` is a small, hashable description of a training algorithm:
 
-    sgd       plain SGD (mean gradient), audited by ``gnq_monitor``
+    sgd       plain SGD (mean gradient), audited by ``monitor_policy``
     dpsgd     DP-SGD at a target (epsilon, delta), sigma calibrated for the
-              Poisson sampler the arm trains with; audited by ``dpsgd_monitor``
+              Poisson sampler the arm trains with; audited by ``dpsgd_policy``'s ledger
               (ledger on the clipped gradients, lam = sigma^2 C^2)
     censor    the GNQ defense (``gnq_censor``, retire policy) at budget tau nats
     clip      GNQ clipping (``gnq_clip``) at a per-step cap s nats
 
-Every arm keeps a per-example disclosure ledger (``gujax.transforms.GnqState``),
+Every arm keeps a per-example disclosure ledger (``gujax.policies.Ledger``),
 so all arms report D_j on the same footing. The sgd, censor and clip arms
 share one GNQ regulariser ``reg`` (relative by default); DP-SGD's floor is
 its own noise.
@@ -26,16 +26,13 @@ import functools
 import math
 from typing import Any, Callable, NamedTuple
 
-import optax
-
-from gujax.dpsgd import DpsgdMonitorState, dpsgd_monitor
+from gujax.engine import ENGINES, Stage, make_engine, make_stage
+from gujax.policies import (Ledger, censor_policy, clip_policy, dpsgd_policy, gnq_ledger,
+                            monitor_policy)
 from gujax.privacy import calibrate_noise_multiplier, dp_epsilon
-from gujax.ghost import dpsgd_monitor_stage, gnq_stage
-from gujax.transforms import (GnqState, censor_policy, clip_policy, monitor_policy,
-                              policy_transformation)
 
 KINDS = ("sgd", "dpsgd", "censor", "clip")
-METHODS = ("ghost", "explicit")
+METHODS = tuple(ENGINES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,15 +126,13 @@ def parse_arm(text: str, **defaults) -> Arm:
 class Pipeline(NamedTuple):
     """What the trainer needs for one arm on one training set.
 
-    aggregator: per-example optax transformation (its state holds the ledger).
-    gradient_stage: None for the explicit vmap(grad) stage, or a stage for
-      ``train(..., gradient_stage=...)``.
+    stage: the ``gujax.engine.Stage`` (engine + policy) the arm trains with;
+      its state holds the arm's ledger.
     sampling: the ``TrainConfig.sampling`` the arm must train with.
     noise_multiplier: sigma (DP-SGD), else None.
     epsilon: the accounted epsilon at ``delta`` for the run (DP-SGD), else None.
     """
-    aggregator: optax.GradientTransformationExtraArgs
-    gradient_stage: Callable | None
+    stage: Stage
     sampling: str
     noise_multiplier: float | None
     epsilon: float | None
@@ -155,7 +150,7 @@ def dp_calibration(epsilon: float, delta: float, sample_rate: float, steps: int
 def build_pipeline(arm: Arm, *, loss_fn: Callable, train_size: int, batch_size: int,
                    epochs: int, seed: int, num_examples: int | None = None,
                    method: str = "ghost", dtype: Any = None) -> Pipeline:
-    """The aggregator (and gradient stage) that trains ``arm`` on a set of
+    """The stage (engine and policy) that trains ``arm`` on a set of
     ``train_size`` examples for ``epochs`` passes of ``train_size //
     batch_size`` steps (as ``gujax.train`` does).
 
@@ -172,39 +167,29 @@ def build_pipeline(arm: Arm, *, loss_fn: Callable, train_size: int, batch_size: 
 
     This is the one place where an arm's gradient engine is chosen.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    engine = make_engine(method, loss_fn)
     num_examples = train_size if num_examples is None else num_examples
     if not 0 < batch_size <= train_size <= num_examples:
         raise ValueError(f"need 0 < batch_size ({batch_size}) <= train_size ({train_size}) "
                          f"<= num_examples ({num_examples})")
+    sigma = eps = None
     if arm.kind == "dpsgd":
         rate = batch_size / train_size
         steps = epochs * (train_size // batch_size)
         sigma, eps = dp_calibration(arm.epsilon, arm.delta, rate, steps)
-        aggregator = dpsgd_monitor(l2_norm_clip=arm.clip_norm, noise_multiplier=sigma,
-                                   expected_batch_size=batch_size, seed=seed,
-                                   num_examples=num_examples, dtype=dtype)
-        stage = (dpsgd_monitor_stage(loss_fn, l2_norm_clip=arm.clip_norm,
-                                     expected_batch_size=batch_size, dtype=dtype)
-                 if method == "ghost" else None)
-        return Pipeline(aggregator, stage, arm.sampling, sigma, eps)
-    common = dict(num_examples=num_examples, reg=arm.reg, relative=arm.relative)
-    if arm.kind == "sgd":
-        policy = monitor_policy(**common)
-    elif arm.kind == "censor":
-        policy = censor_policy(budget=arm.budget, policy="retire", **common)
+        policy = dpsgd_policy(l2_norm_clip=arm.clip_norm, noise_multiplier=sigma,
+                              expected_batch_size=batch_size, seed=seed,
+                              num_examples=num_examples)
     else:
-        policy = clip_policy(max_step_disclosure=arm.max_step, **common)
-    aggregator = policy_transformation(policy, dtype=dtype)
-    stage = gnq_stage(loss_fn, policy, dtype=dtype) if method == "ghost" else None
-    return Pipeline(aggregator, stage, arm.sampling, None, None)
+        common = dict(num_examples=num_examples, reg=arm.reg, relative=arm.relative)
+        policy = {
+            "sgd": lambda: monitor_policy(**common),
+            "censor": lambda: censor_policy(budget=arm.budget, policy="retire", **common),
+            "clip": lambda: clip_policy(max_step_disclosure=arm.max_step, **common),
+        }[arm.kind]()
+    return Pipeline(make_stage(engine, policy, dtype=dtype), arm.sampling, sigma, eps)
 
 
-def ledger(aggregator_state) -> GnqState:
-    """The per-example disclosure ledger inside an arm's aggregator state."""
-    if isinstance(aggregator_state, GnqState):
-        return aggregator_state
-    if isinstance(aggregator_state, DpsgdMonitorState):
-        return aggregator_state.ledger
-    raise ValueError(f"no disclosure ledger in a {type(aggregator_state).__name__}")
+def ledger(state) -> Ledger:
+    """The per-example disclosure ledger inside an arm's stage state."""
+    return gnq_ledger(state)

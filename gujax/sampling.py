@@ -14,22 +14,12 @@ False for padding rows (whose id is 0 and must be ignored).
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import numpy as np
 from scipy import stats
 
-
-def _check(num_examples, name="num_examples"):
-    if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) \
-            or num_examples < 1:
-        raise ValueError(f"{name} must be a positive integer, got {num_examples!r}")
-
-
-def _check_rate(sample_rate):
-    if not isinstance(sample_rate, numbers.Real) or not 0 < sample_rate <= 1:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+from gujax import checks
 
 
 def poisson_padded_size(num_examples: int, sample_rate: float, *,
@@ -39,8 +29,8 @@ def poisson_padded_size(num_examples: int, sample_rate: float, *,
     With the default 1e-9, a run of 10^5 steps overflows with probability
     below 1e-4; ``poisson_batch`` never truncates an overflow anyway.
     """
-    _check(num_examples)
-    _check_rate(sample_rate)
+    checks.positive_int(num_examples, "num_examples")
+    checks.rate(sample_rate)
     if not 0 < overflow_prob < 1:
         raise ValueError(f"overflow_prob must be in (0, 1), got {overflow_prob!r}")
     return max(1, int(stats.binom.isf(overflow_prob, num_examples, sample_rate)))
@@ -57,9 +47,9 @@ def poisson_batch(seed: int, step: int, num_examples: int, sample_rate: float,
     equal to the number drawn, and a ``RuntimeWarning`` is issued (the jitted
     step then compiles once more for the new shape).
     """
-    _check(num_examples)
-    _check_rate(sample_rate)
-    _check(padded_size, "padded_size")
+    checks.positive_int(num_examples, "num_examples")
+    checks.rate(sample_rate)
+    checks.positive_int(padded_size, "padded_size")
     rng = np.random.default_rng([seed, step, 1])
     ids = np.flatnonzero(rng.random(num_examples) < sample_rate).astype(np.int32)
     if len(ids) > padded_size:
@@ -78,8 +68,8 @@ def fixed_batch(seed: int, step: int, num_examples: int, batch_size: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """``batch_size`` distinct examples drawn uniformly without replacement,
     independently at every step. Returns ids (B,) int32 and an all-True mask."""
-    _check(num_examples)
-    _check(batch_size, "batch_size")
+    checks.positive_int(num_examples, "num_examples")
+    checks.positive_int(batch_size, "batch_size")
     if batch_size > num_examples:
         raise ValueError(f"batch_size {batch_size} exceeds num_examples {num_examples}")
     rng = np.random.default_rng([seed, step, 2])
@@ -92,8 +82,8 @@ def shuffled_batch(seed: int, step: int, num_examples: int, batch_size: int
     """Batch ``step`` of epoch-wise shuffling: epoch e = step // (N // B) uses
     one permutation of the training set; the last N mod B examples of each
     permutation are dropped. Returns ids (B,) int32 and an all-True mask."""
-    _check(num_examples)
-    _check(batch_size, "batch_size")
+    checks.positive_int(num_examples, "num_examples")
+    checks.positive_int(batch_size, "batch_size")
     per_epoch = num_examples // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} exceeds num_examples {num_examples}")

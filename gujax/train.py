@@ -1,24 +1,28 @@
-"""One trainer for every arm: plain SGD, DP-SGD and the GNQ defenses.
+"""One trainer for every arm and every number of runs.
 
-Only the *aggregator* differs between arms: an optax transformation that
-turns per-example gradients into one update (``mean_aggregate``,
-``dpsgd_aggregate``, ``gnq_monitor``, ``gnq_censor``, ``gnq_clip``). A step is
+A step is
 
-    batch -> gradient stage (per-example grads -> aggregator) -> optimizer
-          -> optax.apply_updates
+    batch -> stage (engine + policy: per-example weights, the update)
+          -> optimizer -> optax.apply_updates
 
-jitted as one function. The gradient stage is replaceable
-(``train(..., gradient_stage=...)``): any function
-``(params, batch, aggregator_state) -> (update, aggregator_state, metrics)``,
-e.g. a ghost-kernel stage that never materialises per-example gradients.
+jitted as one function. The stage (``gujax.engine.Stage``) is what differs
+between arms: ``make_stage(ghost_engine(loss_fn), censor_policy(...))``, or
+any optax transformation over per-example gradients through
+``per_example_stage`` (``train(aggregator=...)`` does that for you).
+
+``train_stacked`` runs M >= 1 independent runs at once, one step vmapped
+over a leading run axis; ``train`` is the same loop with M = 1. Evaluation,
+parameter snapshots at chosen epochs and metric logging happen at epoch ends
+and checkpoints, the only points where values leave the device.
 
 Runs are deterministic for a fixed ``TrainConfig.seed`` (the batch sampler and
 the augmentation key are functions of (seed, step); DP-SGD noise is seeded by
-the aggregator). With a ``workdir`` a run writes
+the policy). With a ``workdir`` a run writes
 
-    workdir/config.json          the TrainConfig (checked on resume)
+    workdir/config.json          the run's identity (checked on resume)
     workdir/metrics.jsonl        one JSON record per step
     workdir/history.jsonl        one JSON record per evaluation (each epoch)
+    workdir/snapshots/           parameters at ``snapshot_epochs``
     workdir/checkpoints/         orbax checkpoints of the whole TrainState
 
 and a killed run restarted with ``resume=True`` continues from its last
@@ -40,12 +44,15 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from gujax.grads import per_example_grads
+from flax import serialization
+
+from gujax.engine import Stage, per_example_stage
 from gujax.sampling import fixed_batch, poisson_batch, poisson_padded_size, shuffled_batch
 
 PyTree = Any
-Batch = dict  # {"image": (B,H,W,C), "label": (B,), "id": (B,), "mask": (B,) bool}
-GradientStage = Callable[[PyTree, Batch, PyTree], tuple[PyTree, PyTree, dict]]
+# The model inputs under any keys ({"image", "label"} for a classifier), plus
+# "id" (B,) int and "mask" (B,) bool; see gujax.engine.
+Batch = dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +126,9 @@ class TrainState(NamedTuple):
 
 class TrainResult(NamedTuple):
     params: PyTree
-    aggregator_state: PyTree
-    history: list[dict]      # one record per evaluation (see ``train``)
+    aggregator_state: PyTree  # the stage's state (the policy's: ledger, noise key)
+    history: list[dict]       # one record per evaluation (see ``train``)
+    snapshots: dict | None = None  # epoch -> params, for ``snapshot_epochs``
 
 
 # ----------------------------------------------------------------------------
@@ -136,26 +144,6 @@ def softmax_cross_entropy(model) -> Callable[[PyTree, dict], jax.Array]:
     return loss
 
 
-def per_example_stage(loss_fn, aggregator: optax.GradientTransformationExtraArgs, *,
-                      chunk_size: int | None = None) -> GradientStage:
-    """The explicit gradient stage: vmap(grad) per-example gradients, then the
-    aggregator. Metrics: the masked mean loss plus, for a GNQ aggregator, its
-    ``step_metrics()``."""
-    def stage(params, batch, aggregator_state):
-        examples = {"image": batch["image"], "label": batch["label"]}
-        grads = per_example_grads(loss_fn, params, examples, chunk_size=chunk_size)
-        update, aggregator_state = aggregator.update(
-            grads, aggregator_state, params, example_ids=batch["id"], mask=batch["mask"])
-        losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, examples)
-        real = batch["mask"]
-        metrics = {"loss": jnp.sum(jnp.where(real, losses, 0)) / jnp.maximum(jnp.sum(real), 1),
-                   "batch_size": jnp.sum(real)}
-        if hasattr(aggregator_state, "step_metrics"):
-            metrics.update(aggregator_state.step_metrics())
-        return update, aggregator_state, metrics
-    return stage
-
-
 def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
     if config.optimizer == "adam":
         return optax.adam(config.learning_rate)
@@ -168,13 +156,14 @@ def _as_float(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32)
 
 
-def _step_body(stage: GradientStage, optimizer: optax.GradientTransformation,
+def _step_body(stage: Stage, optimizer: optax.GradientTransformation,
                augment: Callable | None):
     """``body(state, batch, key) -> (state, metrics)``, un-jitted; ``key`` is
     ``jax.random.key(TrainConfig.seed)``, an argument so that one body serves a
     single run and a vmapped stack of runs alike."""
     def body(state: TrainState, batch: Batch, run_key):
-        batch = dict(batch, image=_as_float(batch["image"]))
+        if "image" in batch:
+            batch = dict(batch, image=_as_float(batch["image"]))
         if augment is not None:
             key = jax.random.fold_in(run_key, state.step)
             batch["image"] = augment(key, batch["image"])
@@ -186,7 +175,7 @@ def _step_body(stage: GradientStage, optimizer: optax.GradientTransformation,
     return body
 
 
-def make_train_step(stage: GradientStage, optimizer: optax.GradientTransformation,
+def make_train_step(stage: Stage, optimizer: optax.GradientTransformation,
                     *, seed: int, augment: Callable | None = None):
     """The jitted ``step(state, batch) -> (state, metrics)``."""
     body = _step_body(stage, optimizer, augment)
@@ -216,23 +205,46 @@ def evaluate(model, params, images: np.ndarray, labels: np.ndarray, *,
     return {"eval_loss": total_loss / len(labels), "eval_accuracy": correct / len(labels)}
 
 
-def _check_data(data, name="data"):
-    if len(data) != 3:
-        raise ValueError(f"{name} must be (images, labels, ids)")
-    images, labels, ids = (np.asarray(a) for a in data)
-    n = len(images)
-    if n == 0:
+def _check_data(data, name="data") -> dict[str, np.ndarray]:
+    """The training set as a dict of (N, ...) numpy arrays with "id" (N,) int32.
+
+    ``data`` is (images, labels, ids) for a classifier (keys "image" and
+    "label"), or a dict of arrays sharing a leading axis N with an "id" entry
+    (e.g. {"tokens": (N, T), "id": (N,)} for a language model); every entry
+    but "id" is handed to the loss one example at a time.
+    """
+    if isinstance(data, dict):
+        arrays = {k: np.asarray(v) for k, v in data.items()}
+        if "id" not in arrays:
+            raise ValueError(f"{name} must have an 'id' entry (N,) int")
+        if "mask" in arrays:
+            raise ValueError(f"{name}: 'mask' is reserved for the trainer's padding")
+    else:
+        if len(data) != 3:
+            raise ValueError(f"{name} must be (images, labels, ids) or a dict with 'id'")
+        images, labels, ids = (np.asarray(a) for a in data)
+        n = len(images)
+        if n and (images.ndim < 2 or labels.shape != (n,) or ids.shape != (n,)):
+            raise ValueError(f"{name}: images (N, ...), labels (N,), ids (N,) with one N; "
+                             f"got {images.shape}, {labels.shape}, {ids.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{name}: labels and ids must be integers")
+        arrays = {"image": images, "label": labels.astype(np.int32), "id": ids}
+    sizes = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(f"{name}: every entry needs the same leading axis N, got {sizes}")
+    if sizes["id"] == 0:
         raise ValueError(f"{name} is empty")
-    if images.ndim < 2 or labels.shape != (n,) or ids.shape != (n,):
-        raise ValueError(f"{name}: images (N, ...), labels (N,), ids (N,) with one N; got "
-                         f"{images.shape}, {labels.shape}, {ids.shape}")
-    if not np.issubdtype(labels.dtype, np.integer) or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{name}: labels and ids must be integers")
-    if images.dtype != np.uint8 and not np.all(np.isfinite(images)):
-        raise ValueError(f"{name}: images contain NaN or Inf")
+    ids = arrays["id"]
+    if ids.shape != (sizes["id"],) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name}: labels and ids must be integers (ids of shape (N,))")
     if ids.min() < 0:
         raise ValueError(f"{name}: ids must be >= 0")
-    return images, labels.astype(np.int32), ids.astype(np.int32)
+    for key, value in arrays.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            raise ValueError(f"{name}: {'images' if key == 'image' else key} contain NaN or Inf")
+    arrays["id"] = ids.astype(np.int32)
+    return arrays
 
 
 def _sampler(config: TrainConfig, n: int) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
@@ -290,11 +302,6 @@ def _append_jsonl(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _scalars(metrics: dict) -> dict:
-    return {k: (v.item() if hasattr(v, "item") else v)
-            for k, v in jax.device_get(metrics).items()}
-
-
 def _open_workdir(workdir: str, config_json: dict, state, resume: bool):
     """Restore ``state`` from ``workdir``'s latest checkpoint (``resume``, and
     the saved config equal to ``config_json`` but for "epochs"), or clear the
@@ -341,10 +348,8 @@ def _evaluation_epoch(step: int, steps_per_epoch: int, config: TrainConfig) -> i
     return epoch if due else 0
 
 
-def _checkpoint(manager, step: int, total_steps: int, config: TrainConfig, state) -> None:
-    if manager is not None and ((step + 1) % config.checkpoint_every == 0
-                                or step + 1 == total_steps):
-        manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
+def _checkpoint_due(step: int, total_steps: int, config: TrainConfig) -> bool:
+    return (step + 1) % config.checkpoint_every == 0 or step + 1 == total_steps
 
 
 def _close(manager) -> None:
@@ -356,90 +361,7 @@ def _close(manager) -> None:
 # ----------------------------------------------------------------------------
 
 
-def train(*, params: PyTree, aggregator: optax.GradientTransformationExtraArgs,
-          data, config: TrainConfig, model=None, loss_fn=None, eval_data=None,
-          workdir: str | None = None, resume: bool = True,
-          gradient_stage: GradientStage | None = None) -> TrainResult:
-    """Train ``params`` with per-example aggregation ``aggregator``.
-
-    Args:
-      params: initial parameters (e.g. ``model.init(key, x)["params"]``).
-      aggregator: per-example transformation (``mean_aggregate()``,
-        ``dpsgd_aggregate(...)``, ``gnq_monitor/censor/clip(...)``); its
-        ``num_examples`` must exceed every id.
-      data: (images (N,H,W,C) float32 or uint8, labels (N,) int, ids (N,) int),
-        numpy arrays; ids are the training-set indices the aggregator keys its
-        per-example state by (usually ``arange(N)``).
-      config: ``TrainConfig``.
-      model: Flax Linen module; needed for the default loss and for evaluation.
-      loss_fn: ``loss_fn(params, example) -> scalar`` with example
-        ``{"image": (H,W,C) float32, "label": () int}``; default softmax
-        cross-entropy of ``model``.
-      eval_data: optional (images, labels) evaluated every ``eval_every``
-        epochs and after the last.
-      workdir: where metrics, history and checkpoints go (None: nothing is
-        written and nothing can be resumed).
-      resume: continue from the latest checkpoint in ``workdir`` if any.
-      gradient_stage: replaces ``per_example_stage(loss_fn, aggregator)``.
-
-    Returns:
-      TrainResult(params, aggregator_state, history). Each history record has
-      "epoch", "step", the eval metrics if any, and the last step's metrics.
-    """
-    images, labels, ids = _check_data(data)
-    n = len(labels)
-    if loss_fn is None:
-        if model is None:
-            raise ValueError("give a model (for the default loss) or a loss_fn")
-        loss_fn = softmax_cross_entropy(model)
-    if eval_data is not None:
-        if model is None:
-            raise ValueError("evaluation needs the model")
-        eval_images, eval_labels = (np.asarray(a) for a in eval_data)
-        eval_sums = _eval_sums(model)
-        if len(eval_images) != len(eval_labels) or len(eval_labels) == 0:
-            raise ValueError("eval_data must be (images, labels) of one non-zero length")
-    sample = _sampler(config, n)
-    steps_per_epoch = n // config.batch_size
-    total_steps = config.epochs * steps_per_epoch
-    stage = gradient_stage or per_example_stage(loss_fn, aggregator,
-                                                chunk_size=config.chunk_size)
-    optimizer = _optimizer(config)
-    step_fn = make_train_step(stage, optimizer, seed=config.seed, augment=config.augment)
-    state = TrainState(jnp.zeros((), jnp.int32), params, aggregator.init(params),
-                       optimizer.init(params))
-
-    history: list[dict] = []
-    manager = None
-    if workdir is not None:
-        state, manager, history = _open_workdir(workdir, config.to_json(), state, resume)
-        metrics_path = os.path.join(workdir, "metrics.jsonl")
-        history_path = os.path.join(workdir, "history.jsonl")
-
-    start = int(state.step)
-    metrics = {}
-    for step in tqdm(range(start, total_steps), initial=start, total=total_steps,
-                     disable=not config.progress, desc="train"):
-        rows, mask = sample(step)
-        batch = {"image": images[rows], "label": labels[rows], "id": ids[rows],
-                 "mask": mask}
-        state, metrics = step_fn(state, batch)
-        metrics = {"step": step + 1, **_scalars(metrics)}
-        if workdir is not None:
-            _append_jsonl(metrics_path, metrics)
-        epoch = _evaluation_epoch(step, steps_per_epoch, config)
-        if epoch:
-            record = {"epoch": epoch, **metrics}
-            if eval_data is not None:
-                record.update(evaluate(model, state.params, eval_images, eval_labels,
-                                       batch_size=config.eval_batch_size, _sums=eval_sums))
-            history.append(record)
-            if workdir is not None:
-                _append_jsonl(history_path, record)
-        _checkpoint(manager, step, total_steps, config, state)
-    _close(manager)
-    return TrainResult(state.params, state.aggregator_state, history)
-
+# The loop.
 
 def _stack(trees: Sequence[PyTree]) -> PyTree:
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
@@ -455,7 +377,7 @@ def _pad_batch(rows: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarra
             np.concatenate([mask, np.zeros(extra, bool)]))
 
 
-def make_stacked_train_step(stage: GradientStage, optimizer: optax.GradientTransformation,
+def make_stacked_train_step(stage: Stage, optimizer: optax.GradientTransformation,
                             *, augment: Callable | None = None):
     """The jitted ``step(states, batches, keys, active) -> (states, metrics)``
     of M runs at once: the single-run step vmapped over a leading run axis of
@@ -474,41 +396,78 @@ def make_stacked_train_step(stage: GradientStage, optimizer: optax.GradientTrans
     return step
 
 
-def train_stacked(*, params: Sequence[PyTree],
-                  aggregator: optax.GradientTransformationExtraArgs, data: Sequence,
-                  configs: Sequence[TrainConfig], aggregator_states: Sequence | None = None,
-                  model=None, loss_fn=None, workdir: str | None = None, resume: bool = True,
-                  gradient_stage: GradientStage | None = None) -> list[TrainResult]:
-    """Train M independent runs at once, one jitted step vmapped over the runs.
+def _resolve_stage(stage: Stage | None, aggregator, model, loss_fn, config) -> Stage:
+    if (stage is None) == (aggregator is None):
+        raise ValueError("give exactly one of stage= (a gujax.engine.Stage) and "
+                         "aggregator= (an optax transformation over per-example gradients)")
+    if stage is not None:
+        if not isinstance(stage, Stage):
+            raise ValueError(f"stage must be a gujax.engine.Stage (init, apply), got "
+                             f"{type(stage).__name__}")
+        return stage
+    if loss_fn is None:
+        if model is None:
+            raise ValueError("give a model (for the default loss) or a loss_fn")
+        loss_fn = softmax_cross_entropy(model)
+    return per_example_stage(loss_fn, aggregator, chunk_size=config.chunk_size)
 
-    Small models leave a CPU (or an accelerator) mostly idle between the
-    dispatches of their small steps; stacking M of them into one step amortises
-    that overhead (what it gains: ``python -m experiments.stacked``). Every run
-    follows the trajectory ``train`` would give it alone, to rounding
-    (tests/test_train.py): its own initial parameters, data (of its own size),
-    seed (hence its own batches and augmentation keys) and aggregator state
-    (e.g. DP-SGD's noise key and sigma), and its own number of steps: a run
-    that has finished keeps its state while the others go on.
 
-    Args:
-      params: M initial parameter pytrees of one structure and shape.
-      aggregator: the per-example transformation whose ``update`` (or the
-        ``gradient_stage``) serves every run; what differs between runs must
-        live in its state.
-      data: M tuples (images, labels, ids) as ``train`` takes, sizes may differ.
-      configs: M ``TrainConfig`` equal in every field but ``seed``. Their
-        batch_size, epochs and sampling give each run's steps as in ``train``;
-        Poisson batches are padded to the largest run's padded size.
-      aggregator_states: M initial aggregator states (default
-        ``aggregator.init(params[m])``).
-      model, loss_fn, gradient_stage: as ``train`` (no evaluation here).
-      workdir: metrics.jsonl (per step, one value per run, None where a run has
-        finished), history.jsonl (per run and epoch, with "run") and orbax
-        checkpoints of the stacked state; ``resume`` continues from the latest.
+def _check_eval_data(eval_data, model):
+    if eval_data is None:
+        return None
+    if model is None:
+        raise ValueError("evaluation needs the model")
+    images, labels = (np.asarray(a) for a in eval_data)
+    if len(images) != len(labels) or len(labels) == 0:
+        raise ValueError("eval_data must be (images, labels) of one non-zero length")
+    return images, labels, _eval_sums(model)
 
-    Returns:
-      M ``TrainResult``s, in the order of the runs.
-    """
+
+def _check_snapshot_epochs(epochs, config: TrainConfig) -> tuple[int, ...]:
+    epochs = tuple(epochs)
+    bad = [e for e in epochs if isinstance(e, bool) or not isinstance(e, (int, np.integer))
+           or not 1 <= e <= config.epochs]
+    if bad:
+        raise ValueError(f"snapshot_epochs must be epochs in [1, {config.epochs}], got {bad}")
+    return tuple(sorted(set(int(e) for e in epochs)))
+
+
+class _Snapshots:
+    """Parameters at chosen epochs, per run; kept on disk with a workdir so
+    that a resumed run still returns the snapshots taken before the kill."""
+
+    def __init__(self, workdir: str | None, runs: int):
+        self.folder = None if workdir is None else os.path.join(workdir, "snapshots")
+        self.taken: list[dict[int, PyTree]] = [{} for _ in range(runs)]
+
+    def _path(self, run: int, epoch: int) -> str:
+        return os.path.join(self.folder, f"run{run:03d}_epoch{epoch:04d}.msgpack")
+
+    def take(self, run: int, epoch: int, params: PyTree) -> None:
+        params = jax.device_get(params)
+        self.taken[run][epoch] = params
+        if self.folder is not None:
+            os.makedirs(self.folder, exist_ok=True)
+            tmp = self._path(run, epoch) + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(serialization.to_bytes(params))
+            os.replace(tmp, self._path(run, epoch))
+
+    def restore(self, epochs: tuple[int, ...], done_epochs: list[int], like: PyTree) -> None:
+        """Read back the snapshots of epochs each run has already completed."""
+        if self.folder is None:
+            return
+        for run, done in enumerate(done_epochs):
+            for epoch in epochs:
+                if epoch <= done and os.path.exists(self._path(run, epoch)):
+                    with open(self._path(run, epoch), "rb") as f:
+                        self.taken[run][epoch] = serialization.from_bytes(like, f.read())
+
+
+def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainConfig],
+         stage: Stage, stage_states, model, eval_data, workdir, resume, snapshot_epochs,
+         stacked: bool) -> list[TrainResult]:
+    """The loop behind ``train`` (one run, ``stacked=False``) and ``train_stacked``."""
     runs = len(params)
     if runs == 0 or not (len(data) == len(configs) == runs):
         raise ValueError(f"need one or more runs with one params, data and config each; got "
@@ -516,66 +475,182 @@ def train_stacked(*, params: Sequence[PyTree],
     config = configs[0]
     if any(dataclasses.replace(c, seed=config.seed) != config for c in configs):
         raise ValueError("the stacked runs' TrainConfigs may differ in seed alone")
-    if aggregator_states is None:
-        aggregator_states = [aggregator.init(p) for p in params]
-    if len(aggregator_states) != runs:
-        raise ValueError(f"{len(aggregator_states)} aggregator states for {runs} runs")
-    if loss_fn is None:
-        if model is None:
-            raise ValueError("give a model (for the default loss) or a loss_fn")
-        loss_fn = softmax_cross_entropy(model)
-    datasets = [_check_data(d, f"data[{m}]") for m, d in enumerate(data)]
-    shapes = {d[0].shape[1:] + (d[0].dtype,) for d in datasets}
+    if stage_states is None:
+        stage_states = [stage.init(p) for p in params]
+    if len(stage_states) != runs:
+        raise ValueError(f"{len(stage_states)} stage states for {runs} runs")
+    datasets = [_check_data(d, f"data[{m}]" if stacked else "data") for m, d in enumerate(data)]
+    shapes = {tuple((k, v.shape[1:], str(v.dtype)) for k, v in sorted(d.items()))
+              for d in datasets}
     if len(shapes) != 1:
-        raise ValueError(f"the runs' images differ in shape or dtype: {sorted(map(str, shapes))}")
-    samplers = [_sampler(c, len(d[1])) for c, d in zip(configs, datasets)]
-    per_epoch = [len(d[1]) // config.batch_size for d in datasets]
+        raise ValueError(f"the runs' data differ in shape or dtype: {sorted(map(str, shapes))}")
+    evaluation = _check_eval_data(eval_data, model)
+    snapshot_epochs = _check_snapshot_epochs(snapshot_epochs, config)
+    sizes = [len(d["id"]) for d in datasets]
+    samplers = [_sampler(c, n) for c, n in zip(configs, sizes)]
+    per_epoch = [n // config.batch_size for n in sizes]
     totals = np.array([config.epochs * e for e in per_epoch])
     keys = jnp.stack([jax.random.key(c.seed) for c in configs])
-    stage = gradient_stage or per_example_stage(loss_fn, aggregator,
-                                                chunk_size=config.chunk_size)
     optimizer = _optimizer(config)
     step_fn = make_stacked_train_step(stage, optimizer, augment=config.augment)
     state = _stack([TrainState(jnp.zeros((), jnp.int32), p, s, optimizer.init(p))
-                    for p, s in zip(params, aggregator_states)])
+                    for p, s in zip(params, stage_states)])
 
     history: list[dict] = []
     manager = None
+    snapshots = _Snapshots(workdir, runs)
     if workdir is not None:
-        identity = dict(config.to_json(), seed=[c.seed for c in configs],
-                        num_examples=[len(d[1]) for d in datasets])
+        identity = config.to_json()
+        if stacked:
+            identity.update(seed=[c.seed for c in configs], num_examples=sizes)
         state, manager, history = _open_workdir(workdir, identity, state, resume)
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         history_path = os.path.join(workdir, "history.jsonl")
+        steps_done = np.asarray(jax.device_get(state.step)).reshape(runs)
+        snapshots.restore(snapshot_epochs, [int(s) // e for s, e in zip(steps_done, per_epoch)],
+                          jax.device_get(params[0]))
+
+    def flush(pending):
+        """Bring the pending steps' metrics to the host (one transfer) and log them."""
+        host = jax.device_get([metrics for _, _, metrics in pending])
+        records = {}
+        for (step, active, _), values in zip(pending, host):
+            values = {k: np.asarray(v).tolist() for k, v in values.items()}
+            per_run = [{k: v[m] for k, v in values.items()} if active[m] else None
+                       for m in range(runs)]
+            records[step] = per_run
+            if workdir is not None:
+                line = ({k: [r[k] if r else None for r in per_run] for k in values} if stacked
+                        else per_run[0])
+                _append_jsonl(metrics_path, {"step": step + 1, **line})
+        return records
 
     total = int(totals.max())
     start = int(jnp.max(state.step))
+    pending = []
     for step in tqdm(range(start, total), initial=start, total=total,
-                     disable=not config.progress, desc=f"train x{runs}"):
+                     disable=not config.progress, desc=f"train x{runs}" if stacked else "train"):
         drawn = [sample(step) for sample in samplers]
         size = max(len(rows) for rows, _ in drawn)
         drawn = [_pad_batch(rows, mask, size) for rows, mask in drawn]
-        batch = {key: np.stack([d[i][rows] for d, (rows, _) in zip(datasets, drawn)])
-                 for i, key in enumerate(("image", "label", "id"))}
+        batch = {key: np.stack([d[key][rows] for d, (rows, _) in zip(datasets, drawn)])
+                 for key in datasets[0]}
         batch["mask"] = np.stack([mask for _, mask in drawn])
         active = step < totals
         state, metrics = step_fn(state, batch, keys, active)
-        values = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
-        per_run = [{k: v[m] for k, v in values.items()} if active[m] else None
-                   for m in range(runs)]
-        if workdir is not None:
-            _append_jsonl(metrics_path, {"step": step + 1, **{
-                k: [r[k] if r else None for r in per_run] for k in values}})
-        for m in np.flatnonzero(active):
-            epoch = _evaluation_epoch(step, per_epoch[m], config)
-            if epoch:
-                record = {"run": int(m), "epoch": epoch, "step": step + 1, **per_run[m]}
-                history.append(record)
-                if workdir is not None:
-                    _append_jsonl(history_path, record)
-        _checkpoint(manager, step, total, config, state)
+        pending.append((step, active, metrics))
+        ends = {int(m): divmod(step + 1, per_epoch[m]) for m in np.flatnonzero(active)}
+        ends = {m: epoch for m, (epoch, into) in ends.items() if into == 0}
+        checkpoint = manager is not None and _checkpoint_due(step, total, config)
+        if not (ends or checkpoint or step + 1 == total):
+            continue
+        records = flush(pending)
+        pending = []
+        for m, epoch in ends.items():
+            if epoch in snapshot_epochs:
+                snapshots.take(m, epoch, _unstack(state.params, m))
+            if not _evaluation_epoch(step, per_epoch[m], config):
+                continue
+            record = {"run": m, "epoch": epoch, "step": step + 1, **records[step][m]}
+            if evaluation is not None:
+                images, labels, sums = evaluation
+                record.update(evaluate(model, _unstack(state.params, m), images, labels,
+                                       batch_size=config.eval_batch_size, _sums=sums))
+            if not stacked:
+                del record["run"]
+            history.append(record)
+            if workdir is not None:
+                _append_jsonl(history_path, record)
+        if checkpoint:
+            manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
     _close(manager)
     return [TrainResult(_unstack(state.params, m), _unstack(state.aggregator_state, m),
                         [{k: v for k, v in r.items() if k != "run"}
-                         for r in history if r["run"] == m])
+                         for r in history if r.get("run", 0) == m],
+                        snapshots.taken[m])
             for m in range(runs)]
+
+
+def train(*, params: PyTree, data, config: TrainConfig, stage: Stage | None = None,
+          aggregator: optax.GradientTransformationExtraArgs | None = None, model=None,
+          loss_fn=None, eval_data=None, workdir: str | None = None, resume: bool = True,
+          snapshot_epochs: Sequence[int] = ()) -> TrainResult:
+    """Train ``params`` with a gradient stage.
+
+    Args:
+      params: initial parameters (e.g. ``model.init(key, x)["params"]``).
+      data: (images (N,H,W,C) float32 or uint8, labels (N,) int, ids (N,) int),
+        numpy arrays, or a dict of (N, ...) arrays with an "id" entry (see
+        ``gujax.engine`` for the batch schema); ids are the training-set
+        indices the policy keys its per-example state by (usually
+        ``arange(N)``).
+      config: ``TrainConfig``.
+      stage: the ``gujax.engine.Stage`` (``make_stage(engine, policy)``, or
+        ``gujax.arms.build_pipeline(...).stage``); its ``num_examples`` must
+        exceed every id.
+      aggregator: instead of ``stage``, an optax transformation over
+        per-example gradients (``mean_aggregate()``, ``dpsgd_aggregate(...)``,
+        ``gnq_censor(...)``), run on the explicit engine with ``loss_fn``.
+      model: Flax Linen module; needed for the default loss and for evaluation.
+      loss_fn: ``loss_fn(params, example) -> scalar`` for ``aggregator``;
+        default softmax cross-entropy of ``model``.
+      eval_data: optional (images, labels) evaluated every ``eval_every``
+        epochs and after the last.
+      workdir: where metrics, history, snapshots and checkpoints go (None:
+        nothing is written and nothing can be resumed).
+      resume: continue from the latest checkpoint in ``workdir`` if any.
+      snapshot_epochs: keep the parameters at the end of these epochs.
+
+    Returns:
+      TrainResult(params, aggregator_state (the stage's state), history,
+      snapshots {epoch: params}). Each history record has "epoch", "step",
+      the eval metrics if any, and the last step's metrics.
+    """
+    stage = _resolve_stage(stage, aggregator, model, loss_fn, config)
+    return _run(params=[params], data=[data], configs=[config], stage=stage,
+                stage_states=None, model=model, eval_data=eval_data, workdir=workdir,
+                resume=resume, snapshot_epochs=snapshot_epochs, stacked=False)[0]
+
+
+def train_stacked(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainConfig],
+                  stage: Stage | None = None,
+                  aggregator: optax.GradientTransformationExtraArgs | None = None,
+                  stage_states: Sequence | None = None, model=None, loss_fn=None,
+                  eval_data=None, workdir: str | None = None, resume: bool = True,
+                  snapshot_epochs: Sequence[int] = ()) -> list[TrainResult]:
+    """Train M independent runs at once, one jitted step vmapped over the runs.
+
+    Small models leave a CPU (or an accelerator) mostly idle between the
+    dispatches of their small steps; stacking M of them into one step amortises
+    that overhead (what it gains: ``python -m experiments.stacked``). Every run
+    follows the trajectory ``train`` would give it alone, to rounding
+    (tests/test_train.py): its own initial parameters, data (of its own size),
+    seed (hence its own batches and augmentation keys) and stage state (e.g.
+    DP-SGD's noise key and sigma), and its own number of steps: a run that has
+    finished keeps its state while the others go on.
+
+    Args:
+      params: M initial parameter pytrees of one structure and shape.
+      data: M training sets as ``train`` takes them; sizes may differ.
+      configs: M ``TrainConfig`` equal in every field but ``seed``. Their
+        batch_size, epochs and sampling give each run's steps as in ``train``;
+        Poisson batches are padded to the largest run's padded size.
+      stage, aggregator, model, loss_fn, eval_data, snapshot_epochs: as
+        ``train``; one stage serves every run, so what differs between runs
+        must live in its state.
+      stage_states: M initial stage states (default ``stage.init(params[m])``).
+      workdir: metrics.jsonl (per step, one value per run, None where a run has
+        finished), history.jsonl (per run and epoch, with "run"), snapshots and
+        orbax checkpoints of the stacked state; ``resume`` continues from the
+        latest.
+
+    Returns:
+      M ``TrainResult``s, in the order of the runs.
+    """
+    if not configs:
+        raise ValueError("need one or more runs with one params, data and config each; got "
+                         f"{len(params)} params, {len(data)} data, 0 configs")
+    stage = _resolve_stage(stage, aggregator, model, loss_fn, configs[0])
+    return _run(params=params, data=data, configs=configs, stage=stage,
+                stage_states=stage_states, model=model, eval_data=eval_data, workdir=workdir,
+                resume=resume, snapshot_epochs=snapshot_epochs, stacked=True)

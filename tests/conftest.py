@@ -9,3 +9,45 @@ import tempfile
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ["GUJAX_CACHE"] = tempfile.mkdtemp(prefix="gujax-test-cache-")
+
+
+import chex  # noqa: E402
+import pytest  # noqa: E402
+
+
+def assert_trees_close(got, want, *, rtol, atol=0.0):
+    """Every leaf of ``got`` close to the matching leaf of ``want`` (same structure)."""
+    chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.fixture
+def metric_records(monkeypatch):
+    """Control over the trainer's per-step records: ``die_after(n)`` makes the
+    n-th metrics.jsonl record raise KeyboardInterrupt (a kill mid-run);
+    ``count()`` returns the list the steps of later records are appended to."""
+    import gujax.train as train_module
+    real_append = train_module._append_jsonl
+
+    class Records:
+        def die_after(self, n):
+            calls = {"metrics": 0}
+
+            def dying_append(path, record):
+                real_append(path, record)
+                if path.endswith("metrics.jsonl"):
+                    calls["metrics"] += 1
+                    if calls["metrics"] == n:
+                        raise KeyboardInterrupt
+            monkeypatch.setattr(train_module, "_append_jsonl", dying_append)
+
+        def count(self):
+            written = []
+
+            def counting_append(path, record):
+                if path.endswith("metrics.jsonl"):
+                    written.append(record["step"])
+                real_append(path, record)
+            monkeypatch.setattr(train_module, "_append_jsonl", counting_append)
+            return written
+
+    return Records()

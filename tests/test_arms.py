@@ -4,6 +4,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from conftest import assert_trees_close
 
 from gujax.arms import Arm, build_pipeline, dp_calibration, ledger, parse_arm
 from gujax.data import random_crop_flip
@@ -56,10 +57,9 @@ def _run(arm_text, method, model, images, labels, num_examples):
                           batch_size=config.batch_size, epochs=config.epochs, seed=1,
                           num_examples=num_examples, method=method)
     params = model.init(jax.random.key(0), images[:1].astype(np.float32) / 255)["params"]
-    result = train(params=params, aggregator=pipe.aggregator,
+    result = train(params=params, stage=pipe.stage,
                    data=(images[rows], labels[rows], rows),
-                   config=dataclasses.replace(config, sampling=pipe.sampling),
-                   model=model, loss_fn=loss, gradient_stage=pipe.gradient_stage)
+                   config=dataclasses.replace(config, sampling=pipe.sampling), model=model)
     return result, pipe
 
 
@@ -78,9 +78,7 @@ def test_ghost_engine_trains_like_the_explicit_one(arm_text, model):
     explicit, _ = _run(arm_text, "explicit", model, images, labels, 48)
     if arm_text.startswith("dpsgd"):
         assert pipe.noise_multiplier > 0 and pipe.epsilon <= 4.0 + 1e-6
-    for g, e in zip(jax.tree_util.tree_leaves(ghost.params),
-                    jax.tree_util.tree_leaves(explicit.params)):
-        np.testing.assert_allclose(g, e, rtol=2e-4, atol=2e-5)
+    assert_trees_close(ghost.params, explicit.params, rtol=2e-4, atol=2e-5)
     lg, le = ledger(ghost.aggregator_state), ledger(explicit.aggregator_state)
     np.testing.assert_allclose(lg.disclosure, le.disclosure, rtol=2e-4, atol=1e-6)
     np.testing.assert_array_equal(lg.steps_used, le.steps_used)
@@ -122,18 +120,14 @@ def test_stacked_runs_train_like_separate_ones(arm_text, method):
     loss, runs = _pipelines(arm_text, method, model, images, subsets, 60, config)
     data = [(images[rows], labels[rows], rows) for rows in subsets]
     stacked = train_stacked(
-        params=[p for _, p, _ in runs], aggregator=runs[0][0].aggregator, data=data,
+        params=[p for _, p, _ in runs], stage=runs[0][0].stage, data=data,
         configs=[c for _, _, c in runs],
-        aggregator_states=[pipe.aggregator.init(p) for pipe, p, _ in runs],
-        model=model, loss_fn=loss, gradient_stage=runs[0][0].gradient_stage)
+        stage_states=[pipe.stage.init(p) for pipe, p, _ in runs], model=model)
     if arm_text.startswith("dpsgd"):                 # sizes differ, so do the sigmas
         assert len({pipe.noise_multiplier for pipe, _, _ in runs}) == 3
     for (pipe, params, cfg), d, together in zip(runs, data, stacked):
-        alone = train(params=params, aggregator=pipe.aggregator, data=d, config=cfg,
-                      model=model, loss_fn=loss, gradient_stage=pipe.gradient_stage)
-        for a, t in zip(jax.tree_util.tree_leaves(alone.params),
-                        jax.tree_util.tree_leaves(together.params)):
-            np.testing.assert_allclose(t, a, rtol=2e-4, atol=2e-5)
+        alone = train(params=params, stage=pipe.stage, data=d, config=cfg, model=model)
+        assert_trees_close(together.params, alone.params, rtol=2e-4, atol=2e-5)
         la, lt = ledger(alone.aggregator_state), ledger(together.aggregator_state)
         np.testing.assert_allclose(lt.disclosure, la.disclosure, rtol=2e-4, atol=1e-6)
         np.testing.assert_array_equal(lt.steps_used, la.steps_used)

@@ -164,6 +164,28 @@ def test_evaluate_attack_pooled_and_per_target():
     json.dumps(result.summary())
 
 
+def test_tpr_at_looks_up_a_computed_fpr_level_by_value():
+    rng = np.random.default_rng(11)
+    in_mask = rng.random((3, 400)) < 0.5
+    scores = rng.normal(size=(3, 400)) + in_mask
+    result = evaluate_attack(scores, in_mask, fpr_levels=(0.0, 0.05, 1e-2))
+    assert result.tpr_at(0.05) == result.tpr_at_fpr[1]
+    assert result.tpr_at(0.01) == result.tpr_at_fpr[2]
+    assert result.tpr_at(0.1 / 10) == result.tpr_at_fpr[2]    # equal to rounding
+    assert result.tpr_at(0) == tpr_at_fpr(scores.ravel(), in_mask.ravel(), 0.0)
+    np.testing.assert_array_equal(result.per_target_tpr_at(0.05),
+                                  result.per_target_tpr_at_fpr[:, 1])
+    assert isinstance(result.tpr_at(0.05), float)
+    default = evaluate_attack(scores, in_mask)
+    assert default.tpr_at(1e-3) == default.tpr_at_fpr[0]
+    with pytest.raises(ValueError, match=r"FPR 0\.1 was not computed.*\[0\.0, 0\.05, 0\.01\]"):
+        result.tpr_at(0.1)
+    with pytest.raises(ValueError, match=r"FPR 0\.011 was not computed"):
+        result.tpr_at(0.011)
+    with pytest.raises(ValueError, match=r"levels are \[0\.001, 0\.01\]"):
+        default.per_target_tpr_at(0.05)
+
+
 def test_evaluate_attack_target_without_members_is_nan():
     in_mask = np.array([[True, False, True, False], [False, False, False, False]])
     scores = np.arange(8.0).reshape(2, 4)

@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from experiments import cifar, comparison, digits, stacked
+from experiments import cifar, comparison, digits, harness, stacked
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 PNGS = ("privacy_utility.png", "roc.png", "gnq_vs_attack.png")
@@ -75,14 +75,13 @@ def test_resume_does_not_retrain(digits_smoke, capsys):
 
 
 def test_overrides_and_bad_arguments(tmp_path):
-    parser = comparison.build_parser("digits", digits.PRESETS)
-    args = parser.parse_args(["--preset", "smoke", "--num-models", "3", "--no-augment",
-                              "--arms", "sgd", "censor:tau=1"])
-    settings = comparison.settings_from_args(args, "digits", digits.PRESETS)
-    assert settings["num_models"] == 3 and settings["augment"] is False
-    assert settings["arms"] == ["sgd", "censor:tau=1"] and settings["epochs"] == 3
+    settings = harness.parse_command_line(
+        ["--preset", "smoke", "--num-models", "3", "--no-augment",
+         "--arms", "sgd", "censor:tau=1"], digits.EXPERIMENT).settings
+    assert settings.num_models == 3 and settings.augment is False
+    assert settings.arms == ("sgd", "censor:tau=1") and settings.epochs == 3
     with pytest.raises(SystemExit):
-        parser.parse_args(["--preset", "huge"])
+        harness.parse_command_line(["--preset", "huge"], digits.EXPERIMENT)
     with pytest.raises(ValueError, match="same name"):
         digits.main(["--preset", "smoke", "--out", str(tmp_path), "--arms", "sgd", "sgd"])
 

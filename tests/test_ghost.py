@@ -11,11 +11,11 @@ import pytest
 from gujax.dpsgd import dpsgd_aggregate
 from gujax.ghost.capture import capture
 from gujax.ghost.clipping import ghost_clipped_sum, ghost_dpsgd
-from gujax.ghost.gram import (describe, factors_gram, factors_sq_norms, ghost_gram,
-                              ghost_gram_and_grad, ghost_is_cheaper, gnq as ghost_gnq,
+from gujax.ghost.kernels import (describe, factors_gram, factors_sq_norms, ghost_gram,
+                              ghost_gram_and_grad, ghost_is_cheaper, ghost_gnq,
                               tape_weighted_grad)
 from gujax.ghost.rules import Factors
-from gujax.gnq import gnq, gnq_from_gram
+from gujax.uniqueness import gnq, gnq_from_gram
 from gujax.grads import gram, per_example_grads
 
 B = 5
@@ -438,12 +438,13 @@ def test_nonfinite_example_is_dropped_from_gnq_like_explicit():
 # Trainer gradient stages: ghost equals explicit.
 
 def _stage_pair(kind, n_train, budget):
-    from gujax import transforms
-    from gujax.ghost.stage import dpsgd_stage, gnq_stage
+    from gujax import policies, transforms
+    from gujax.engine import ghost_engine, make_stage
     if kind == "dpsgd":
         settings = dict(l2_norm_clip=0.05, noise_multiplier=0.8, expected_batch_size=5.0)
         aggregator = dpsgd_aggregate(**settings, seed=2)
-        return aggregator, lambda loss: dpsgd_stage(loss, **settings)
+        return aggregator, lambda loss: make_stage(ghost_engine(loss), policies.dpsgd_policy(
+            **settings, seed=2))
     policy = {
         "monitor": lambda: transforms.monitor_policy(num_examples=n_train, reg=1e-2),
         "censor": lambda: transforms.censor_policy(budget=budget, num_examples=n_train,
@@ -451,7 +452,8 @@ def _stage_pair(kind, n_train, budget):
         "clip": lambda: transforms.clip_policy(max_step_disclosure=0.05,
                                                num_examples=n_train, reg=1e-2),
     }[kind]()
-    return transforms.policy_transformation(policy), lambda loss: gnq_stage(loss, policy)
+    return (transforms.policy_transformation(policy),
+            lambda loss: make_stage(ghost_engine(loss), policy))
 
 
 @pytest.mark.parametrize("kind", _cases(["monitor", "censor", "clip", "dpsgd"],
@@ -516,7 +518,8 @@ def _monitor_stage_case(model_name, x64, nan_row):
                                         ("mlp-f32", "cnn-f32", "mlp-f64")))
 def test_dpsgd_monitor_stage_equals_explicit_stage(case):
     from gujax.dpsgd import dpsgd_monitor
-    from gujax.ghost.stage import dpsgd_monitor_stage
+    from gujax.engine import ghost_engine, make_stage
+    from gujax.policies import dpsgd_policy
     from gujax.train import per_example_stage
     model_name, x64 = case[:3], case.endswith("f64")
     # The float64 CPU reference cannot hold a NaN row on a conv net: XLA's
@@ -530,7 +533,9 @@ def test_dpsgd_monitor_stage_equals_explicit_stage(case):
         settings = dict(l2_norm_clip=clip, expected_batch_size=5.0, dtype=dtype)
         aggregator = dpsgd_monitor(noise_multiplier=0.8, seed=2, num_examples=8, **settings)
         explicit = jax.jit(per_example_stage(loss, aggregator))
-        ghost = jax.jit(dpsgd_monitor_stage(loss, **settings))
+        ghost = jax.jit(make_stage(ghost_engine(loss), dpsgd_policy(
+            noise_multiplier=0.8, seed=2, num_examples=8, l2_norm_clip=clip,
+            expected_batch_size=5.0), dtype=dtype))
         state = aggregator.init(params)
         want, got = explicit(params, batch, state), ghost(params, batch, state)
         tol = 1e-10 if x64 else 1e-5

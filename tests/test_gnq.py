@@ -185,3 +185,20 @@ def test_float32_against_float64_bound():
     assert np.max(np.abs(got32 - want) / want) < 1e-3
     # float32 gradients with a float64 Gram and solve: only the rounding of the inputs.
     assert np.max(np.abs(mixed - want) / want) < 1e-5
+
+
+def test_traced_bad_reg_gives_nan_scores_not_a_silent_floor():
+    """A reg that cannot be checked (traced under jit) and is zero, negative or
+    NaN must not turn into some default lam: every score is NaN."""
+    rng = np.random.default_rng(3)
+    g = {"w": jnp.asarray(rng.normal(size=(5, 4)))}
+    scored = jax.jit(lambda reg: gujax.gnq(g, reg=reg, relative=False))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        assert np.all(np.isnan(np.asarray(scored(bad)))), bad
+    k = gujax.gram(g)
+    from_gram = jax.jit(lambda reg: gujax.gnq_from_gram(k, reg=reg))
+    assert np.all(np.isnan(np.asarray(from_gram(-0.5))))
+    np.testing.assert_allclose(scored(0.3), gujax.gnq(g, reg=0.3, relative=False), rtol=1e-6)
+    # A zero trace with a valid relative reg is not an error: every score is 0.
+    zeros = jax.jit(lambda reg: gujax.gnq({"w": jnp.zeros((4, 3))}, reg=reg))(0.1)
+    np.testing.assert_array_equal(zeros, 0.0)

@@ -1,10 +1,12 @@
 """The memorisation experiments (experiments/unique_features.py, curvature.py,
-reconstruction.py) and their shared helpers (experiments/_memorisation_common.py).
+reconstruction.py) and their shared helpers (experiments/memorisation.py, on
+the experiment harness experiments/harness.py).
 
 Helper tests are fast and check the maths against independent computations;
 the end-to-end smoke runs check each experiment's JSON schema, value ranges
 and figure.
 """
+import dataclasses
 import json
 import math
 import os
@@ -14,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import _memorisation_common as common
-from experiments import curvature, reconstruction, unique_features
+from experiments import curvature, harness, reconstruction, report, unique_features
+from experiments import memorisation as common
 from gujax.arms import Arm
 from gujax.grads import per_example_grads
 from gujax.models import MLP
@@ -38,13 +40,12 @@ def _tiny_grads(seed=0, batch=6):
 # Helpers.
 
 def test_settings_from_preset_with_overrides():
-    settings, out = common.parse_settings(
-        ["--preset", "smoke", "--epochs", "3", "--arms", "plain", "dpsgd",
-         "--hidden", "7", "9", "--progress", "false"],
-        name="unique_features", description="", presets=unique_features.PRESETS)
-    assert settings["epochs"] == 3 and settings["arms"] == ("plain", "dpsgd")
-    assert settings["hidden"] == (7, 9) and settings["progress"] is False
-    assert settings["num_train"] == unique_features.PRESETS["smoke"]["num_train"]
+    settings, out, _ = harness.parse_command_line(
+        ["--preset", "smoke", "--epochs", "3", "--arms", "sgd", "dpsgd",
+         "--hidden", "7", "9", "--progress", "false"], unique_features.EXPERIMENT)
+    assert settings.epochs == 3 and settings.arms == ("sgd", "dpsgd")
+    assert settings.hidden == (7, 9) and settings.progress is False
+    assert settings.num_train == unique_features.PRESETS["smoke"].num_train
     assert out == os.path.join("results", "unique_features-smoke")
 
 
@@ -53,7 +54,7 @@ def test_settings_from_preset_with_overrides():
                                   ["--method", "magic"]])
 def test_settings_refuse_bad_values(argv):
     with pytest.raises(SystemExit):
-        common.parse_settings(argv, name="x", description="", presets=curvature.PRESETS)
+        harness.parse_command_line(argv, curvature.EXPERIMENT)
 
 
 def test_percentile_rank():
@@ -95,7 +96,7 @@ def test_correlation_claim_verdicts():
 
 
 def test_format_table_aligns_and_marks_missing():
-    text = common.format_table([{"a": "x", "b": 1.25}, {"a": "long name", "b": None}],
+    text = report.format_table([{"a": "x", "b": 1.25}, {"a": "long name", "b": None}],
                                [("A", "a", "{}"), ("B", "b", "{:.1f}")])
     lines = text.splitlines()
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
@@ -103,21 +104,23 @@ def test_format_table_aligns_and_marks_missing():
 
 
 def test_make_arm_maps_experiment_arms_to_gujax_arms():
-    settings = dict(gnq_reg=0.02, target_epsilon=3.0, delta=1e-6, l2_norm_clip=0.7)
-    th = common.Thresholds(budget=1.5, max_step_disclosure=0.01)
-    assert common.make_arm("plain", settings) == Arm("sgd", reg=0.02)
-    assert common.make_arm("dpsgd", settings) == Arm("dpsgd", epsilon=3.0, delta=1e-6,
-                                                     clip_norm=0.7)
-    assert common.make_arm("gnq_censor", settings, th) == Arm("censor", reg=0.02, budget=1.5)
-    assert common.make_arm("gnq_clip", settings, th) == Arm("clip", reg=0.02, max_step=0.01)
+    settings = dataclasses.replace(unique_features.PRESETS["smoke"], reg=0.02,
+                                   target_epsilon=3.0, delta=1e-6, clip_norm=0.7)
+    th = harness.Thresholds(budget=1.5, max_step_disclosure=0.01)
+    assert harness.make_arm("sgd", settings) == Arm("sgd", reg=0.02)
+    assert harness.make_arm("dpsgd", settings) == Arm("dpsgd", epsilon=3.0, delta=1e-6,
+                                                      clip_norm=0.7)
+    assert harness.make_arm("censor", settings, th) == Arm("censor", reg=0.02, budget=1.5)
+    assert harness.make_arm("clip", settings, th) == Arm("clip", reg=0.02, max_step=0.01)
     with pytest.raises(ValueError, match="thresholds"):
-        common.make_arm("gnq_censor", settings)
+        harness.make_arm("censor", settings)
     with pytest.raises(ValueError, match="unknown arm"):
-        common.make_arm("sgd", settings)
+        harness.make_arm("plain", settings)
 
 
 def test_dp_noise_multiplier_meets_the_target_epsilon():
-    settings = dict(target_epsilon=4.0, delta=1e-5, batch_size=32, num_train=256, epochs=3)
+    settings = dataclasses.replace(unique_features.PRESETS["smoke"], target_epsilon=4.0,
+                                   delta=1e-5, batch_size=32, num_train=256, epochs=3)
     sigma = common.dp_noise_multiplier(settings)
     steps = 3 * (256 // 32)
     eps = dp_epsilon(sigma, 32 / 256, steps, 1e-5, sampling="poisson")
@@ -133,7 +136,8 @@ def test_gnq_thresholds_are_quantiles_of_the_plain_ledger():
     state = tx.init(None)
     for ids in ([0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7]):
         _, state = tx.update(grads, state, example_ids=jnp.array(ids))
-    th = common.gnq_thresholds(state, {"censor_quantile": 0.75, "clip_quantile": 0.5})
+    th = common.gnq_thresholds(state, dataclasses.replace(
+        unique_features.PRESETS["smoke"], censor_quantile=0.75, clip_quantile=0.5))
     d = np.asarray(state.disclosure)
     used = np.asarray(state.steps_used)
     assert th.budget == pytest.approx(np.quantile(d, 0.75))
@@ -171,32 +175,33 @@ def _uf_arm(z, p, refused=False):
 
 
 def test_unique_feature_verdicts_follow_the_scores():
-    settings = {"num_reference": 2}
+    settings = dataclasses.replace(unique_features.PRESETS["smoke"], num_reference=2)
     floor = 1 / 3
 
     def verdicts(arms):
         return [c["verdict"] for c in unique_features.claims(arms, settings)]
 
     # Plain memorises; DP-SGD does not; the censor refused the carrier and z fell.
-    assert verdicts({"plain": _uf_arm(5.0, floor), "dpsgd": _uf_arm(0.3, 0.67),
-                     "gnq_censor": _uf_arm(0.1, 0.67, refused=True)}) == \
+    assert verdicts({"sgd": _uf_arm(5.0, floor), "dpsgd": _uf_arm(0.3, 0.67),
+                     "censor": _uf_arm(0.1, 0.67, refused=True)}) == \
         ["supported", "supported", "supported", "supported"]
     # A censor that never refused the carrier cannot be credited with the drop.
-    assert verdicts({"plain": _uf_arm(5.0, floor), "gnq_censor": _uf_arm(0.1, 0.67)})[-1] \
+    assert verdicts({"sgd": _uf_arm(5.0, floor), "censor": _uf_arm(0.1, 0.67)})[-1] \
         == "NOT supported"
     # High z but another reference above the target: not memorised.
-    assert verdicts({"plain": _uf_arm(5.0, 0.67)})[0] == "NOT supported"
+    assert verdicts({"sgd": _uf_arm(5.0, 0.67)})[0] == "NOT supported"
     # Nothing memorised under plain SGD: whether a defense prevents it is undetermined.
-    assert verdicts({"plain": _uf_arm(0.5, 0.67), "dpsgd": _uf_arm(0.1, 0.67)})[-1] == \
+    assert verdicts({"sgd": _uf_arm(0.5, 0.67), "dpsgd": _uf_arm(0.1, 0.67)})[-1] == \
         "undetermined"
 
 
 def test_feature_lands_on_the_patch_only():
-    settings = dict(unique_features.PRESETS["smoke"], feature_row=2, feature_col=1)
+    settings = dataclasses.replace(unique_features.PRESETS["smoke"], feature_row=2,
+                                   feature_col=1)
     images = np.full((3, 8, 8, 1), 40, np.uint8)
     featured = unique_features.add_feature(images, settings)
     changed = np.any(featured != images, axis=(0, -1))
-    size = settings["patch_size"]
+    size = settings.patch_size
     assert changed[2:2 + size, 1:1 + size].any() and not changed[:2].any()
     assert not changed[:, 1 + size:].any()
     np.testing.assert_array_equal(featured[:, 2:2 + size, 1:1 + size, 0],
@@ -220,7 +225,7 @@ def test_best_unit_psnr_exact_for_one_example_not_for_a_batch():
     (curvature, ["--checkpoint-epochs", "5", "3"], "checkpoint_epochs"),
     (curvature, ["--num-audit", "1"], "num_audit"),
     (curvature, ["--num-shadow", "2"], "num_shadow"),
-    (reconstruction, ["--model", "cnn"], "dense first layer"),
+    (reconstruction, ["--model", "smallcnn"], "dense first layer"),
     (reconstruction, ["--attack-batch-size", "1"], "attack_batch_size"),
 ])
 def test_bad_settings_raise_before_compute(module, argv, match, tmp_path):
@@ -261,29 +266,29 @@ def unique_features_run(tmp_path_factory):
 def test_unique_features_smoke(unique_features_run, capsys):
     record = unique_features_run
     settings = unique_features.PRESETS["smoke"]
-    assert set(record["arms"]) == set(settings["arms"]) == {"plain", "dpsgd", "gnq_censor"}
-    assert 0 <= record["carrier_index"] < settings["num_train"]
+    assert set(record["arms"]) == set(settings.arms) == {"sgd", "dpsgd", "censor"}
+    assert 0 <= record["carrier_index"] < settings.num_train
     assert record["num_ood_images"] > 0
     for arm, r in record["arms"].items():
         score = r["memorisation"]
-        assert score["num_reference"] == settings["num_reference"]
+        assert score["num_reference"] == settings.num_reference
         assert score["target_mean_kl"] >= 0 and score["reference_mean_kl"] >= 0
-        assert 1 / (settings["num_reference"] + 1) <= score["p_value"] <= 1
+        assert 1 / (settings.num_reference + 1) <= score["p_value"] <= 1
         carrier = r["target_carrier"]
         assert 0 <= carrier["disclosure_percentile"] <= 100
-        assert 1 <= carrier["disclosure_rank"] <= carrier["num_ranked"] <= settings["num_train"]
+        assert 1 <= carrier["disclosure_rank"] <= carrier["num_ranked"] <= settings.num_train
         assert carrier["disclosure_nats"] >= 0 and carrier["mean_gnq"] >= 0
         assert 0 <= carrier["steps_used"] <= carrier["times_scored"]
         assert carrier["refused"] == (carrier["retired"] or carrier["refused_steps"] > 0)
-        if arm != "gnq_censor":
+        if arm != "censor":
             assert not carrier["refused"]  # only the censor refuses examples
-        assert len(r["reference_carrier_disclosure_percentile"]) == settings["num_reference"]
+        assert len(r["reference_carrier_disclosure_percentile"]) == settings.num_reference
         assert 0 <= r["target_test_accuracy"] <= 1
         assert -1 <= r["target_label_shift"] <= 1
     # The budget is the plain run's censor_quantile quantile of D_j: about
     # 1 - q of the examples would overrun it, so the censor retires some.
     assert record["gnq_thresholds"]["budget"] > 0
-    assert record["arms"]["gnq_censor"]["target_carrier"]["num_retired"] > 0
+    assert record["arms"]["censor"]["target_carrier"]["num_retired"] > 0
     assert record["dp_noise_multiplier"] > 0
     # DP-SGD's ledger: one step discloses at most 1/2 log(1 + 1/sigma^2) nats.
     sigma = record["dp_noise_multiplier"]
@@ -296,15 +301,15 @@ def test_unique_features_smoke(unique_features_run, capsys):
 def test_unique_features_is_deterministic(unique_features_run, tmp_path):
     """The plain arm again, alone: the same numbers (its record does not depend
     on the other arms)."""
-    again = _run(unique_features, "unique_features", tmp_path, ["--arms", "plain"])
-    assert again["arms"]["plain"] == unique_features_run["arms"]["plain"]
+    again = _run(unique_features, "unique_features", tmp_path, ["--arms", "sgd"])
+    assert again["arms"]["sgd"] == unique_features_run["arms"]["sgd"]
     assert again["carrier_index"] == unique_features_run["carrier_index"]
 
 
 def test_curvature_smoke(tmp_path):
     record = _run(curvature, "curvature", tmp_path)
     settings = curvature.PRESETS["smoke"]
-    assert set(record["arms"]) == set(settings["arms"])
+    assert set(record["arms"]) == set(settings.arms)
     for r in record["arms"].values():
         for group in ("members", "non_members"):
             assert _finite(r[group]["mean"]) and r[group]["mean_stderr"] >= 0
@@ -316,7 +321,7 @@ def test_curvature_smoke(tmp_path):
             assert r[key] is None or -1 <= r[key] <= 1
         per = r["per_example"]
         assert len(per["member_curvature"]) == len(per["member_disclosure"]) == \
-            len(per["member_lira"]) == settings["num_audit"]
+            len(per["member_lira"]) == settings.num_audit
         # Members never IN a shadow model have no LiRA score (null in JSON).
         assert 0 < r["num_members_with_lira"] == sum(v is not None for v in per["member_lira"])
         # A ReLU MLP's input Hessian J^T (diag p - p p^T) J is PSD, and so is
@@ -324,13 +329,13 @@ def test_curvature_smoke(tmp_path):
         assert min(per["member_curvature"] + per["non_member_curvature"]) >= -1e-6
         assert min(per["member_disclosure"]) >= 0
     # Curvature AUC claim per arm, three correlation claims per arm, one gap claim.
-    assert len(record["claims"]) == 4 * len(settings["arms"]) + 1
+    assert len(record["claims"]) == 4 * len(settings.arms) + 1
 
 
 def test_reconstruction_smoke(tmp_path):
     record = _run(reconstruction, "reconstruction", tmp_path)
     settings = reconstruction.PRESETS["smoke"]
-    assert set(record["states"]) == set(settings["states"])
+    assert set(record["states"]) == set(settings.states)
     for state in record["states"].values():
         summary = state["summary"]
         # Exact recovery from a single example's own dense-layer gradient.
@@ -340,11 +345,11 @@ def test_reconstruction_smoke(tmp_path):
             assert 0 <= d["analytic_exact_fraction"] <= 1
             assert _finite(d["inversion_psnr_mean"]) and -1 <= d["inversion_ssim_mean"] <= 1
         for batch in state["batches"]:
-            assert len(batch["gnq"]) == settings["attack_batch_size"]
+            assert len(batch["gnq"]) == settings.attack_batch_size
             assert min(batch["gnq"]) >= 0
             for d in batch["defenses"].values():
                 assert max(d["analytic_psnr"]) <= reconstruction.PSNR_CEILING
                 assert d["inversion_objective_end"] <= d["inversion_objective_start"] + 1e-6
         # DP noise swamps a 4-example gradient: no unit recovers anyone exactly.
         assert summary["defenses"]["dpsgd"]["analytic_exact_fraction"] == 0
-    assert len(record["claims"]) == 5 * len(settings["states"])
+    assert len(record["claims"]) == 5 * len(settings.states)

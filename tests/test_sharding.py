@@ -20,9 +20,9 @@ SCRIPT = textwrap.dedent("""
     from jax.sharding import PartitionSpec
     from gujax import sharding, transforms
     from gujax.dpsgd import dpsgd_aggregate
-    from gujax.ghost.gram import gnq as ghost_gnq
-    from gujax.ghost.stage import gnq_stage
-    from gujax.gnq import gnq
+    from gujax.ghost.kernels import ghost_gnq
+    from gujax.engine import ghost_engine, make_stage
+    from gujax.uniqueness import gnq
     from gujax.grads import per_example_grads
     from gujax.models import MLP
     from gujax.train import make_train_step, per_example_stage, softmax_cross_entropy, TrainState
@@ -69,7 +69,7 @@ SCRIPT = textwrap.dedent("""
     # Whole training steps (ghost GNQ stage and explicit DP-SGD), sharded vs not.
     policy = transforms.censor_policy(budget=1.0, num_examples=n, reg=1e-2)
     dp = dpsgd_aggregate(l2_norm_clip=0.1, noise_multiplier=1.0, expected_batch_size=7.0, seed=1)
-    for name, stage, agg in (("train_ghost_gnq", gnq_stage(loss, policy),
+    for name, stage, agg in (("train_ghost_gnq", make_stage(ghost_engine(loss), policy),
                               transforms.policy_transformation(policy)),
                              ("train_explicit_dpsgd", per_example_stage(loss, dp), dp)):
         opt = optax.sgd(0.1)

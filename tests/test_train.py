@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import gujax.train as train_module
+from conftest import assert_trees_close
 from gujax.dpsgd import dpsgd_aggregate
+from gujax.engine import Stage
 from gujax.transforms import gnq_censor, mean_aggregate
 from gujax.train import TrainConfig, evaluate, softmax_cross_entropy, train
 
@@ -60,9 +62,7 @@ def test_one_step_is_sgd_on_the_batch_mean_gradient(setup):
         p, {"image": jnp.asarray(data[0]), "label": jnp.asarray(data[1])}))
     grad = jax.grad(batch_loss)(params)
     expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grad)
-    for a, b in zip(jax.tree_util.tree_leaves(result.params),
-                    jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_trees_close(result.params, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_uint8_images_are_scaled(setup):
@@ -75,8 +75,7 @@ def test_uint8_images_are_scaled(setup):
               model=model)
     b = train(params=params, aggregator=mean_aggregate(),
               data=(raw.astype(np.float32) / 255, y, ids), config=cfg, model=model)
-    for x, z in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
-        np.testing.assert_allclose(x, z, rtol=1e-6, atol=1e-7)
+    assert_trees_close(a.params, b.params, rtol=1e-6, atol=1e-7)
 
 
 def arms(num_examples=N):
@@ -89,7 +88,7 @@ def arms(num_examples=N):
 
 @pytest.mark.parametrize("arm", ["censor", "dpsgd"])
 def test_same_seed_same_result_and_killed_run_resumes_identically(setup, arm, tmp_path,
-                                                                  monkeypatch):
+                                                                  metric_records):
     model, params, data = setup
     aggregator, sampling = arms()[arm]
     cfg = config(sampling=sampling)
@@ -103,27 +102,14 @@ def test_same_seed_same_result_and_killed_run_resumes_identically(setup, arm, tm
 
     # Kill after 5 steps (checkpoints every 3): the process dies mid-run.
     killed = tmp_path / "killed"
-    real_append = train_module._append_jsonl
-    calls = {"metrics": 0}
-
-    def dying_append(path, record):
-        real_append(path, record)
-        if path.endswith("metrics.jsonl"):
-            calls["metrics"] += 1
-            if calls["metrics"] == 5:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_append_jsonl", dying_append)
+    metric_records.die_after(5)
     with pytest.raises(KeyboardInterrupt):
         train(params=params, aggregator=aggregator, data=data, config=cfg, model=model,
               eval_data=data[:2], workdir=str(killed))
     assert sorted(os.listdir(killed / "checkpoints")) == ["3"]
 
     # Resume: only steps 4..8 run again (counted by their metric records).
-    written = []
-    monkeypatch.setattr(train_module, "_append_jsonl", lambda path, record: (
-        written.append(record["step"]) if path.endswith("metrics.jsonl") else None,
-        real_append(path, record)))
+    written = metric_records.count()
     resumed = train(params=params, aggregator=aggregator, data=data, config=cfg,
                     model=model, eval_data=data[:2], workdir=str(killed))
     assert written == [4, 5, 6, 7, 8]
@@ -157,8 +143,8 @@ def test_replaceable_gradient_stage(setup):
     def frozen_stage(p, batch, aggregator_state):
         return jax.tree_util.tree_map(jnp.zeros_like, p), aggregator_state, {"ids": batch["id"].sum()}
 
-    result = train(params=params, aggregator=mean_aggregate(), data=data,
-                   config=config(epochs=1), model=model, gradient_stage=frozen_stage)
+    result = train(params=params, stage=Stage(mean_aggregate().init, frozen_stage), data=data,
+                   config=config(epochs=1), model=model)
     leaves_equal(result.params, params)
     assert "ids" in result.history[-1]
 
@@ -205,7 +191,7 @@ def test_bad_input_is_rejected(setup, tmp_path):
 
 
 @pytest.mark.parametrize("arm", ["censor", "dpsgd"])
-def test_stacked_runs_resume_identically_after_a_kill(setup, arm, tmp_path, monkeypatch):
+def test_stacked_runs_resume_identically_after_a_kill(setup, arm, tmp_path, metric_records):
     """``train_stacked`` of two runs (8 and 4 steps) killed at step 7, after the
     short run finished: the resumed stack ends where an uninterrupted one does,
     and each run equals ``train`` alone."""
@@ -220,30 +206,15 @@ def test_stacked_runs_resume_identically_after_a_kill(setup, arm, tmp_path, monk
     for result, p, d, seed in zip(whole, (params, other), (data, short), (0, 4)):
         alone = train(params=p, aggregator=aggregator, data=d, model=model,
                       config=config(sampling=sampling, seed=seed))
-        for a, t in zip(jax.tree_util.tree_leaves(alone.params),
-                        jax.tree_util.tree_leaves(result.params)):
-            np.testing.assert_allclose(t, a, rtol=1e-5, atol=1e-6)
+        assert_trees_close(result.params, alone.params, rtol=1e-5, atol=1e-6)
         assert [r["step"] for r in result.history] == [r["step"] for r in alone.history]
 
-    real_append = train_module._append_jsonl
-    calls = {"metrics": 0}
-
-    def dying_append(path, record):
-        real_append(path, record)
-        if path.endswith("metrics.jsonl"):
-            calls["metrics"] += 1
-            if calls["metrics"] == 7:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "_append_jsonl", dying_append)
+    metric_records.die_after(7)
     killed = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         train_module.train_stacked(**kwargs, workdir=str(killed))
     assert sorted(os.listdir(killed / "checkpoints")) == ["3", "6"]
-    written = []
-    monkeypatch.setattr(train_module, "_append_jsonl", lambda path, record: (
-        written.append(record["step"]) if path.endswith("metrics.jsonl") else None,
-        real_append(path, record)))
+    written = metric_records.count()
     resumed = train_module.train_stacked(**kwargs, workdir=str(killed))
     assert written == [7, 8]
     for a, b in zip(whole, resumed):
@@ -274,3 +245,57 @@ def test_stacked_bad_input_is_rejected(setup):
         stacked(params=[params, params], aggregator=agg,
                 data=[data, tuple(a[:0] for a in data)], configs=[config(), config()],
                 model=model)
+
+
+def test_snapshots_are_the_parameters_of_shorter_runs_and_survive_a_resume(setup, tmp_path,
+                                                                            metric_records):
+    model, params, data = setup
+    cfg = config(epochs=3)
+    result = train(params=params, aggregator=mean_aggregate(), data=data, config=cfg,
+                   model=model, snapshot_epochs=(1, 3), workdir=str(tmp_path / "a"))
+    assert sorted(result.snapshots) == [1, 3]
+    leaves_equal(result.snapshots[3], result.params)
+    one = train(params=params, aggregator=mean_aggregate(), data=data, config=config(epochs=1),
+                model=model)
+    leaves_equal(result.snapshots[1], one.params)
+    # Killed in epoch 2 (after the epoch-1 snapshot and the checkpoint at step 6):
+    # the resumed run still returns the epoch-1 snapshot.
+    metric_records.die_after(7)
+    with pytest.raises(KeyboardInterrupt):
+        train(params=params, aggregator=mean_aggregate(), data=data, config=cfg, model=model,
+              snapshot_epochs=(1, 3), workdir=str(tmp_path / "b"))
+    metric_records.count()
+    resumed = train(params=params, aggregator=mean_aggregate(), data=data, config=cfg,
+                    model=model, snapshot_epochs=(1, 3), workdir=str(tmp_path / "b"))
+    for epoch in (1, 3):
+        leaves_equal(resumed.snapshots[epoch], result.snapshots[epoch])
+    with pytest.raises(ValueError, match="snapshot_epochs"):
+        train(params=params, aggregator=mean_aggregate(), data=data, config=cfg, model=model,
+              snapshot_epochs=(4,))
+
+
+def test_any_batch_schema_trains_like_images_and_labels(setup):
+    """A dict of arrays with an "id" entry (here a sequence model's schema)
+    reaches the loss under its own keys; the run equals the (images, labels,
+    ids) run with the same loss."""
+    model, params, (x, y, ids) = setup
+    image_loss = softmax_cross_entropy(model)
+
+    def token_loss(p, example):
+        return image_loss(p, {"image": example["tokens"], "label": example["target"]})
+
+    cfg = config(epochs=1)
+    from gujax.engine import ghost_engine, make_stage
+    from gujax.policies import monitor_policy
+    policy = monitor_policy(num_examples=N, reg=0.1)
+    a = train(params=params, stage=make_stage(ghost_engine(image_loss), policy),
+              data=(x, y, ids), config=cfg)
+    b = train(params=params, stage=make_stage(ghost_engine(token_loss), policy),
+              data={"tokens": x, "target": y, "id": ids}, config=cfg)
+    leaves_equal(a.params, b.params)
+    leaves_equal(a.aggregator_state, b.aggregator_state)
+    with pytest.raises(ValueError, match="'id'"):
+        train(params=params, stage=make_stage(ghost_engine(token_loss), policy),
+              data={"tokens": x, "target": y}, config=cfg)
+    with pytest.raises(ValueError, match="exactly one"):
+        train(params=params, data=(x, y, ids), config=cfg, model=model)

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
+from gujax import checks
 from gujax.audit import metrics
+from gujax.audit.metrics import AttackEvaluation
 
 # Variances are floored here so that a shadow set with identical outputs gives
 # a huge but finite score rather than a division by zero.
@@ -43,51 +45,6 @@ class MembershipScores(NamedTuple):
     """
     scores: np.ndarray
     is_member: np.ndarray
-
-
-class AttackEvaluation(NamedTuple):
-    """Metrics of an attack over M targets (see ``evaluate_attack``).
-
-    auc, balanced_accuracy: pooled over all (target, example) pairs.
-    fpr_levels: (L,) the FPR targets; tpr_at_fpr: (L,) pooled TPR at each.
-    fpr, tpr: (K,) the pooled ROC curve.
-    per_target_auc, per_target_balanced_accuracy: (M,); NaN for a target
-      without both members and non-members among its scored examples.
-    per_target_tpr_at_fpr: (M, L).
-    num_excluded: number of (target, example) pairs left out because their
-      score was NaN.
-    """
-    auc: float
-    balanced_accuracy: float
-    fpr_levels: np.ndarray
-    tpr_at_fpr: np.ndarray
-    fpr: np.ndarray
-    tpr: np.ndarray
-    per_target_auc: np.ndarray
-    per_target_balanced_accuracy: np.ndarray
-    per_target_tpr_at_fpr: np.ndarray
-    num_excluded: int
-
-    def summary(self) -> dict:
-        """JSON-ready summary (no ROC curve): pooled and per-target metrics."""
-        levels = [float(x) for x in self.fpr_levels]
-        return {
-            "auc": self.auc,
-            "balanced_accuracy": self.balanced_accuracy,
-            "tpr_at_fpr": {str(f): float(t) for f, t in zip(levels, self.tpr_at_fpr)},
-            "per_target": {
-                "auc": _json_list(self.per_target_auc),
-                "balanced_accuracy": _json_list(self.per_target_balanced_accuracy),
-                "tpr_at_fpr": {
-                    str(f): _json_list(self.per_target_tpr_at_fpr[:, i])
-                    for i, f in enumerate(levels)},
-            },
-            "num_excluded": self.num_excluded,
-        }
-
-
-def _json_list(values) -> list:
-    return [None if np.isnan(v) else float(v) for v in np.asarray(values)]
 
 
 # ----------------------------------------------------------------------------
@@ -163,10 +120,7 @@ def _check_shadow_inputs(values, in_mask, name):
     if in_mask.shape != values.shape[:2]:
         raise ValueError(
             f"in_mask must have shape (M, N) = {values.shape[:2]}, got {in_mask.shape}")
-    if in_mask.dtype != bool:
-        if not np.all((in_mask == 0) | (in_mask == 1)):
-            raise ValueError("in_mask must be boolean (or 0/1)")
-        in_mask = in_mask.astype(bool)
+    in_mask = checks.boolean_array(in_mask, "in_mask")
     num_models, num_examples, num_aug = values.shape
     if num_models < 2:
         raise ValueError(f"need M >= 2 models (one target, >= 1 shadow), got {num_models}")
@@ -366,8 +320,7 @@ def rmia(prob, in_mask, prob_population, *, offline_a: float | None = None,
     if pop.shape[0] != prob.shape[0]:
         raise ValueError(
             f"prob_population must have M = {prob.shape[0]} rows, got {pop.shape[0]}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    gamma = checks.positive_finite(gamma, "gamma")
     everyone_pop = np.ones(pop.shape, dtype=bool)
     if offline_a is None:
         ref_x = _leave_one_out_mean(prob, np.ones_like(in_mask))
@@ -405,9 +358,10 @@ def evaluate_attack(scores, in_mask, *, fpr_levels=(1e-3, 1e-2)) -> AttackEvalua
       scores: (M, N) attack scores, higher = member; NaN entries (undefined
         tests) are excluded and counted in ``num_excluded``.
       in_mask: (M, N) bool ground truth.
-      fpr_levels: FPR targets for ``tpr_at_fpr`` (0.1% and 1% by default).
-        With n0 non-members the FPR has resolution 1/n0: pooling the M
-        targets is what makes 0.1% meaningful (n0 >= 1000 needed).
+      fpr_levels: FPR targets for ``tpr_at_fpr`` (0.1% and 1% by default;
+        read one back by value with ``.tpr_at(fpr)``). With n0 non-members
+        the FPR has resolution 1/n0: pooling the M targets is what makes
+        0.1% meaningful (n0 >= 1000 needed).
 
     Returns:
       AttackEvaluation with pooled metrics (one threshold shared by all

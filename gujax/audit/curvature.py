@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from gujax import checks
+
 PyTree = Any
 LossFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 
@@ -60,12 +62,6 @@ def _check_inputs(images, labels) -> int:
     if not isinstance(images, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(images))):
         raise ValueError("images contain NaN or Inf")
     return n
-
-
-def _check_positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _hvp(loss_fn: LossFn, params, x, y, v):
@@ -116,9 +112,9 @@ def input_curvature(
       CurvatureEstimate(trace (N,), stderr (N,)).
     """
     _check_inputs(images, labels)
-    num_probes = _check_positive_int(num_probes, "num_probes", minimum=2)
+    num_probes = checks.positive_int(num_probes, "num_probes", minimum=2)
     if chunk_size is not None:
-        chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        chunk_size = checks.positive_int(chunk_size, "chunk_size")
     trace, stderr = _estimate(loss_fn, params, images, labels, key, num_probes, chunk_size,
                               squared)
     return CurvatureEstimate(trace, stderr)

@@ -10,12 +10,18 @@ from (0, 0) (t = +inf, nobody predicted member) to (1, 1).
 
 Counts are exact (integers) and rates are plain fractions of them, so
 ``tpr_at_fpr`` and ``balanced_accuracy`` never interpolate between ROC points.
+
+``AttackEvaluation`` gathers these metrics for an attack on M target models
+(``gujax.audit.attacks.evaluate_attack`` builds it); ``tpr_at(fpr)`` reads
+its TPR at an FPR level by value.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import numpy as np
+
+from gujax import checks
 
 
 class RocCurve(NamedTuple):
@@ -49,10 +55,7 @@ def _check_scores(scores, is_member) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("scores is empty")
     if not np.issubdtype(scores.dtype, np.number) or np.iscomplexobj(scores):
         raise ValueError(f"scores must be real numbers, got dtype {scores.dtype}")
-    if is_member.dtype != bool:
-        if not np.all((is_member == 0) | (is_member == 1)):
-            raise ValueError("is_member must be boolean (or 0/1)")
-        is_member = is_member.astype(bool)
+    is_member = checks.boolean_array(is_member, "is_member")
     scores = scores.astype(np.float64).ravel()
     is_member = is_member.ravel()
     if not np.all(np.isfinite(scores)):
@@ -145,3 +148,70 @@ def balanced_accuracy(scores, is_member) -> float:
     """
     curve = roc(scores, is_member)
     return float(np.max(curve.tpr + 1 - curve.fpr) / 2)
+
+
+class AttackEvaluation(NamedTuple):
+    """Metrics of an attack over M targets (see ``attacks.evaluate_attack``).
+
+    auc, balanced_accuracy: pooled over all (target, example) pairs.
+    fpr_levels: (L,) the FPR targets; tpr_at_fpr: (L,) pooled TPR at each
+      (``tpr_at(fpr)`` looks one up by its level).
+    fpr, tpr: (K,) the pooled ROC curve.
+    per_target_auc, per_target_balanced_accuracy: (M,); NaN for a target
+      without both members and non-members among its scored examples.
+    per_target_tpr_at_fpr: (M, L) (``per_target_tpr_at(fpr)``: one column).
+    num_excluded: number of (target, example) pairs left out because their
+      score was NaN.
+    """
+    auc: float
+    balanced_accuracy: float
+    fpr_levels: np.ndarray
+    tpr_at_fpr: np.ndarray
+    fpr: np.ndarray
+    tpr: np.ndarray
+    per_target_auc: np.ndarray
+    per_target_balanced_accuracy: np.ndarray
+    per_target_tpr_at_fpr: np.ndarray
+    num_excluded: int
+
+    def _level(self, fpr: float) -> int:
+        """Position of the FPR level ``fpr`` in ``fpr_levels`` (to rounding)."""
+        levels = np.asarray(self.fpr_levels, np.float64).reshape(-1)
+        found = np.flatnonzero(np.isclose(levels, fpr, rtol=1e-9, atol=0.0))
+        if found.size == 0:
+            raise ValueError(
+                f"TPR at FPR {fpr!r} was not computed; the levels are "
+                f"{[float(x) for x in levels]} (evaluate_attack(..., fpr_levels=...))")
+        return int(found[0])
+
+    def tpr_at(self, fpr: float) -> float:
+        """Pooled TPR at the FPR level ``fpr`` (one of ``fpr_levels``).
+
+        Raises ValueError naming the computed levels if ``fpr`` is not one.
+        """
+        return float(np.asarray(self.tpr_at_fpr).reshape(-1)[self._level(fpr)])
+
+    def per_target_tpr_at(self, fpr: float) -> np.ndarray:
+        """(M,) per-target TPR at the FPR level ``fpr`` (as ``tpr_at``)."""
+        return np.asarray(self.per_target_tpr_at_fpr)[:, self._level(fpr)]
+
+    def summary(self) -> dict:
+        """JSON-ready summary (no ROC curve): pooled and per-target metrics."""
+        levels = [float(x) for x in self.fpr_levels]
+        return {
+            "auc": self.auc,
+            "balanced_accuracy": self.balanced_accuracy,
+            "tpr_at_fpr": {str(f): float(t) for f, t in zip(levels, self.tpr_at_fpr)},
+            "per_target": {
+                "auc": _json_list(self.per_target_auc),
+                "balanced_accuracy": _json_list(self.per_target_balanced_accuracy),
+                "tpr_at_fpr": {
+                    str(f): _json_list(self.per_target_tpr_at_fpr[:, i])
+                    for i, f in enumerate(levels)},
+            },
+            "num_excluded": self.num_excluded,
+        }
+
+
+def _json_list(values) -> list:
+    return [None if np.isnan(v) else float(v) for v in np.asarray(values)]

@@ -14,7 +14,9 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from gujax.audit import metrics
-from gujax.audit.attacks import AttackEvaluation, MembershipScores
+from gujax.audit.attacks import MembershipScores
+from gujax.audit.metrics import AttackEvaluation
+from gujax.audit.vulnerability import per_example_pair
 
 
 def _axes(ax: Axes | None) -> Axes:
@@ -89,12 +91,7 @@ def plot_disclosure_vs_attack(disclosure, vulnerability, ax: Axes | None = None,
     Returns:
       The axes; the title gives Spearman's rho over the plotted examples.
     """
-    x = np.asarray(disclosure, dtype=np.float64)
-    y = np.asarray(vulnerability, dtype=np.float64)
-    if x.ndim != 1 or x.shape != y.shape:
-        raise ValueError(
-            f"disclosure and vulnerability must both have shape (N,), got "
-            f"{x.shape} and {y.shape}")
+    x, y = per_example_pair(disclosure, vulnerability)
     keep = np.isfinite(x) & np.isfinite(y)
     if keep.sum() < 3:
         raise ValueError("need at least 3 examples with finite values to plot")

@@ -11,12 +11,8 @@ import dataclasses
 
 import numpy as np
 
+from gujax import checks
 from gujax.data.dataset import Dataset
-
-
-def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
 
 
 def subset(dataset: Dataset, indices) -> Dataset:
@@ -38,7 +34,7 @@ def subset(dataset: Dataset, indices) -> Dataset:
 
 def random_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
     """``size`` examples drawn without replacement, kept in their original order."""
-    _check_seed(seed)
+    checks.seed(seed)
     if not 0 < size <= len(dataset):
         raise ValueError(f"size must be in [1, {len(dataset)}]; got {size}")
     rng = np.random.default_rng(seed)
@@ -52,7 +48,7 @@ def member_split(dataset: Dataset, num_members: int, seed: int) -> tuple[Dataset
     same distribution, so a membership attack is scored on equal footing.
     Together they hold every example exactly once.
     """
-    _check_seed(seed)
+    checks.seed(seed)
     if not 0 < num_members < len(dataset):
         raise ValueError(f"num_members must be in [1, {len(dataset) - 1}]; got {num_members}")
     order = np.random.default_rng(seed).permutation(len(dataset))
@@ -87,7 +83,7 @@ def shadow_membership(num_examples: int, num_models: int, seed: int, *,
     Returns:
       (M, N) bool array; row m is model m's training mask over the pool.
     """
-    _check_seed(seed)
+    checks.seed(seed)
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1; got {num_examples}")
     if num_models < 2 or (balanced and num_models % 2):

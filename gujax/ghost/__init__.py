@@ -5,19 +5,18 @@ layer's inputs and per-example output gradients (``capture``); from them
 each layer's contribution to the B x B Gram matrix of per-example gradients
 is computed by a per-layer rule (``rules``) either as a ghost kernel or by
 materialising that layer alone, whichever costs less (``gram``). DP-SGD
-needs only the diagonal (``clipping``). ``stage`` plugs both into
-``gujax.train``. Every result equals the explicit
+needs only the diagonal (``clipping``). ``gujax.engine.ghost_engine`` plugs
+them into training stages. Every result equals the explicit
 ``gujax.gram(gujax.per_example_grads(...))`` path to rounding.
 """
 from gujax.ghost.capture import Tape, capture
 from gujax.ghost.clipping import ClipInfo, ghost_clipped_sum, ghost_dpsgd
-from gujax.ghost.gram import (describe, ghost_gram, ghost_gram_and_grad, gnq,
+from gujax.ghost.kernels import (describe, ghost_gram, ghost_gram_and_grad, ghost_gnq,
                               tape_gram, tape_sq_norms, tape_weighted_grad)
 from gujax.ghost.rules import RULES, Factors, Rule
-from gujax.ghost.stage import dpsgd_monitor_stage, dpsgd_stage, gnq_stage
 
 __all__ = [
     "ClipInfo", "Factors", "RULES", "Rule", "Tape", "capture", "describe",
-    "dpsgd_monitor_stage", "dpsgd_stage", "ghost_clipped_sum", "ghost_dpsgd", "ghost_gram", "ghost_gram_and_grad", "gnq",
-    "gnq_stage", "tape_gram", "tape_sq_norms", "tape_weighted_grad",
+    "ghost_clipped_sum", "ghost_dpsgd", "ghost_gram", "ghost_gram_and_grad", "ghost_gnq",
+    "tape_gram", "tape_sq_norms", "tape_weighted_grad",
 ]

@@ -4,31 +4,30 @@ DP-SGD needs only each example's gradient norm ||g_j|| (the diagonal of K,
 layer by layer, never the B x B cross terms) and then the clipped sum
 sum_j min(1, C / ||g_j||) g_j, which the captured layer inputs and output
 gradients give directly as one weighted weight-gradient contraction per layer
-(``gujax.ghost.gram.tape_weighted_grad``): a forward pass, one backward pass
-for the output gradients, the norms, and the weight-gradient half of a second
-backward pass.
+(``gujax.ghost.kernels.tape_weighted_grad``): a forward pass, one backward
+pass for the output gradients, the norms, and the weight-gradient half of a
+second backward pass.
 
-Semantics match ``gujax.dpsgd.dpsgd_aggregate`` (itself
-``optax.contrib.differentially_private_aggregate`` with padding masks and
-division by the expected batch size): rows masked out or whose gradient is not
-finite contribute nothing; the noise is N(0, sigma^2 C^2) per coordinate drawn
-with optax's key schedule (``new_key, *leaf_keys = split(key, n_leaves + 1)``,
-one key per parameter leaf in ``jax.tree.leaves`` order), so the same key gives
-the same update as the materialised path, to rounding.
+The decision is ``gujax.policies.dpsgd_policy``'s (the one used by every
+DP-SGD path in gujax): rows masked out or whose gradient is not finite
+contribute nothing, the noise is drawn with optax's key schedule
+(``gujax.policies.gaussian_noise``), so the same key gives the same update as
+``optax.contrib.differentially_private_aggregate`` on materialised gradients,
+to rounding.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from optax.contrib import DifferentiallyPrivateAggregateState
 
+from gujax import checks
 from gujax.ghost.capture import LossFn, capture
-from gujax.ghost.gram import tape_sq_norms, tape_weighted_grad
+from gujax.ghost.kernels import tape_sq_norms, tape_weighted_grad
 from gujax.grads import batch_size
+from gujax.policies import dpsgd_policy
 
 PyTree = Any
 
@@ -42,32 +41,13 @@ class ClipInfo(NamedTuple):
     losses: jax.Array
 
 
-def _check_positive(value, name: str, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        try:
-            value = float(value)
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            return  # a tracer: trusted
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def _check_mask(mask, n: int):
-    if mask is None:
-        return jnp.ones((n,), bool)
-    mask = jnp.asarray(mask)
-    if mask.shape != (n,) or mask.dtype != jnp.bool_:
-        raise ValueError(f"mask must be a ({n},) bool array, got {mask.dtype} {mask.shape}")
-    return mask
-
-
-def clip_factors(sq_norms: jax.Array, l2_norm_clip, keep: jax.Array) -> jax.Array:
-    """(B,) min(1, C / ||g_j||) where ``keep`` and the norm is finite, else 0."""
-    norms = jnp.sqrt(sq_norms)
-    factors = jnp.minimum(1.0, l2_norm_clip / norms)  # norm 0 -> inf -> 1
-    return jnp.where(keep & jnp.isfinite(norms), factors, 0.0)
+def _clip(loss_fn, params, batch, policy, state, mask):
+    checks.mask(mask, batch_size(batch))
+    tape = capture(loss_fn, params, batch)
+    sq = tape_sq_norms(tape)
+    weights, state = policy.weights(jnp.diag(sq), None, mask, state)
+    return tape_weighted_grad(tape, params, weights), state, ClipInfo(
+        jnp.sqrt(sq), weights, tape.losses)
 
 
 def ghost_clipped_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
@@ -81,25 +61,10 @@ def ghost_clipped_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
       l2_norm_clip: C > 0, in gradient-norm units.
       mask: optional (B,) bool, False for padding rows.
     """
-    n = batch_size(batch)
-    _check_positive(l2_norm_clip, "l2_norm_clip")
-    keep = _check_mask(mask, n)
-    tape = capture(loss_fn, params, batch)
-    sq = tape_sq_norms(tape)
-    weights = clip_factors(sq, l2_norm_clip, keep)
-    total = tape_weighted_grad(tape, params, weights)
-    return total, ClipInfo(jnp.sqrt(sq), weights, tape.losses)
-
-
-def add_noise(clipped_sum: PyTree, state: DifferentiallyPrivateAggregateState, *,
-              noise_std, denominator) -> tuple[PyTree, DifferentiallyPrivateAggregateState]:
-    """(clipped_sum + N(0, noise_std^2 I)) / denominator, optax's key schedule."""
-    leaves, treedef = jax.tree_util.tree_flatten(clipped_sum)
-    new_key, *keys = jax.random.split(state.rng_key, len(leaves) + 1)
-    noised = [(g + noise_std * jax.random.normal(k, g.shape, g.dtype)) / denominator
-              for g, k in zip(leaves, keys)]
-    return (jax.tree_util.tree_unflatten(treedef, noised),
-            DifferentiallyPrivateAggregateState(rng_key=new_key))
+    policy = dpsgd_policy(l2_norm_clip=l2_norm_clip, expected_batch_size=1.0,
+                          noise_multiplier=0.0)
+    total, _, info = _clip(loss_fn, params, batch, policy, None, mask)
+    return total, info
 
 
 def ghost_dpsgd(loss_fn: LossFn, params: PyTree, batch: PyTree,
@@ -114,19 +79,16 @@ def ghost_dpsgd(loss_fn: LossFn, params: PyTree, batch: PyTree,
     Args:
       state: ``DifferentiallyPrivateAggregateState(rng_key)``; the state of
         ``optax.contrib.differentially_private_aggregate`` or
-        ``gujax.dpsgd.dpsgd_aggregate`` can be used unchanged.
+        ``gujax.dpsgd_aggregate`` can be used unchanged.
       l2_norm_clip: C > 0. noise_multiplier: sigma >= 0.
       expected_batch_size: denominator (q N under Poisson sampling); default
         B, the padded batch size, as optax does.
       mask: optional (B,) bool, False for padding rows.
     """
     n = batch_size(batch)
-    _check_positive(noise_multiplier, "noise_multiplier", allow_zero=True)
-    if expected_batch_size is None:
-        expected_batch_size = n
-    _check_positive(expected_batch_size, "expected_batch_size")
-    total, info = ghost_clipped_sum(loss_fn, params, batch,
-                                    l2_norm_clip=l2_norm_clip, mask=mask)
-    update, state = add_noise(total, state, noise_std=l2_norm_clip * noise_multiplier,
-                              denominator=expected_batch_size)
+    policy = dpsgd_policy(l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+                          expected_batch_size=n if expected_batch_size is None
+                          else expected_batch_size)
+    total, _, info = _clip(loss_fn, params, batch, policy, state, mask)
+    update, state = policy.finish(total, state)
     return update, state, info

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from gujax.ghost.capture import (LossFn, Tape, capture, direct_params,
                                  weighted_site_grad)
 from gujax.ghost.rules import Factors
-from gujax.gnq import gnq_from_gram
+from gujax.uniqueness import gnq_from_gram
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -237,7 +237,7 @@ def ghost_gram_and_grad(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
     return tape_gram(tape, dtype=dtype), tape_weighted_grad(tape, params, ones), tape.losses
 
 
-def gnq(loss_fn: LossFn, params: PyTree, batch: PyTree, *, reg, relative: bool = True,
+def ghost_gnq(loss_fn: LossFn, params: PyTree, batch: PyTree, *, reg, relative: bool = True,
         num_scored: int | None = None, dtype=None) -> jax.Array:
     """(num_scored,) leave-one-out GNQ from the ghost Gram matrix.
 

@@ -21,37 +21,15 @@ its own score is NaN; every other score is what it would be without it.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from gujax import checks
 from gujax.grads import batch_size, finite_rows, gram
 
 PyTree = Any
-
-
-def _check_reg(reg) -> None:
-    if isinstance(reg, numbers.Real) and not isinstance(reg, bool):
-        value = float(reg)
-    else:
-        try:  # a concrete array; a tracer cannot be checked and is trusted
-            value = float(reg)
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            return
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"reg must be a finite number > 0, got {reg!r}")
-
-
-def _check_num_scored(num_scored, n: int) -> int:
-    if num_scored is None:
-        return n
-    if int(num_scored) != num_scored or not 1 <= num_scored <= n:
-        raise ValueError(
-            f"num_scored must be an integer in [1, {n}] (the number of rows), "
-            f"got {num_scored!r}")
-    return int(num_scored)
 
 
 def regulariser(gram_matrix: jax.Array, reg, *, relative: bool = True,
@@ -74,8 +52,8 @@ def _loo_gnq(k: jax.Array, lam: jax.Array, valid: jax.Array) -> jax.Array:
     n = k.shape[0]
     both = valid[:, None] & valid[None, :]
     k = jnp.where(both, k, 0)
-    # A zero trace means every valid gradient is zero: any lam gives GNQ = 0,
-    # and 1 keeps the factorisation defined.
+    # With a valid reg, a zero lam means a zero trace: every valid gradient is
+    # zero, any lam gives GNQ = 0, and 1 keeps the factorisation defined.
     lam = jnp.where(lam > 0, lam, jnp.ones_like(lam))
     a = k + lam * jnp.eye(n, dtype=k.dtype)
     chol = jnp.linalg.cholesky(a)
@@ -99,6 +77,8 @@ def gnq_from_gram(gram_matrix: jax.Array, *, reg, relative: bool = True,
       reg: the regulariser. With ``relative=True`` lam = reg * trace(K) / N
         (scale-free); otherwise lam = reg in squared-gradient units (for
         DP-SGD noise N(0, sigma^2 C^2 I) on the clipped sum, sigma^2 C^2).
+        A concrete reg must be a finite number > 0 (ValueError otherwise); a
+        traced reg that is not gives NaN for every score.
       num_scored: number of scored rows (default: all N).
 
     Returns:
@@ -112,8 +92,8 @@ def gnq_from_gram(gram_matrix: jax.Array, *, reg, relative: bool = True,
     n = k.shape[0]
     if n == 0:
         raise ValueError("gram_matrix is empty (N = 0)")
-    _check_reg(reg)
-    num_scored = _check_num_scored(num_scored, n)
+    checks.positive_finite_or_traced(reg, "reg")
+    num_scored = checks.num_scored(num_scored, n)
     if not jnp.issubdtype(k.dtype, jnp.floating):
         k = k.astype(jnp.result_type(float))
     # A non-finite gradient shows on the diagonal; its row and column are then
@@ -126,7 +106,10 @@ def gnq_from_gram(gram_matrix: jax.Array, *, reg, relative: bool = True,
 def _gnq_valid(k, reg, relative, num_scored, valid):
     lam = regulariser(jnp.where(valid[:, None] & valid[None, :], k, 0), reg,
                       relative=relative, valid=valid)
-    return _loo_gnq(k, lam, valid)[:num_scored]
+    # A traced reg cannot be checked before the call; one that is zero,
+    # negative, infinite or NaN gives NaN for every score.
+    reg_ok = jnp.isfinite(reg) & (jnp.asarray(reg) > 0)
+    return jnp.where(reg_ok, _loo_gnq(k, lam, valid), jnp.nan)[:num_scored]
 
 
 def gnq(per_example_grads: PyTree, *, reg, relative: bool = True,
@@ -146,8 +129,8 @@ def gnq(per_example_grads: PyTree, *, reg, relative: bool = True,
       finite, which is also excluded from everyone else's S_-j.
     """
     n = batch_size(per_example_grads, name="per_example_grads")
-    _check_reg(reg)
-    num_scored = _check_num_scored(num_scored, n)
+    checks.positive_finite_or_traced(reg, "reg")
+    num_scored = checks.num_scored(num_scored, n)
     valid = finite_rows(per_example_grads)
     clean = jax.tree_util.tree_map(
         lambda g: jnp.where(valid.reshape((n,) + (1,) * (g.ndim - 1)), g, 0),

@@ -1,0 +1,177 @@
+"""Shadow-model training: membership masks, per-model preparation, groups of
+models trained together and the logits they are queried for.
+
+Membership is drawn independently: each model takes each pool example with
+probability 1/2 (``shadow_membership(..., balanced=False)``), so the shadow
+group sizes carry no information about the target's membership
+(docs/audit.md, "Shadow masks").
+
+``_fit_group`` is the one function that calls the arm and trainer APIs
+(``gujax.arms.build_pipeline``, ``gujax.train.train_stacked``,
+``gujax.arms.ledger``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gujax.arms import build_pipeline, ledger
+from gujax.audit.shadow.record import AUGMENTATIONS, ShadowModel, ShadowSpec
+from gujax.data.dataset import Dataset, to_float
+from gujax.data.splits import shadow_membership
+from gujax.train import softmax_cross_entropy, train_stacked
+
+
+def check_data(pool: Dataset, population: Dataset) -> None:
+    """The pool and population a run of shadow models can use."""
+    if len(pool) < 2:
+        raise ValueError(f"the pool needs at least 2 examples, got {len(pool)}")
+    if len(population) < 1:
+        raise ValueError("the population (held-out examples) is empty")
+    if pool.images.shape[1:] != population.images.shape[1:]:
+        raise ValueError(f"pool images {pool.images.shape[1:]} and population images "
+                         f"{population.images.shape[1:]} differ in shape")
+
+
+def membership(spec: ShadowSpec, pool: Dataset) -> np.ndarray:
+    """(M, N) bool: independent Bernoulli(1/2) membership (module docstring)."""
+    return shadow_membership(len(pool), spec.num_models, spec.seed, balanced=False)
+
+
+def _query_fn(model, augmentations):
+    """Jitted logits (B, A, C) of a uint8 batch under each augmentation."""
+    @jax.jit
+    def query(params, images):
+        x = to_float(images)
+        return jnp.stack([model.apply({"params": params}, AUGMENTATIONS[a](x))
+                          for a in augmentations], axis=1)
+    return query
+
+
+def _logits(query, params, images: np.ndarray, batch_size: int) -> np.ndarray:
+    out = [np.asarray(query(params, images[i:i + batch_size]))
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+class _Run(NamedTuple):
+    """Model m of an arm, ready to train."""
+    m: int
+    rows: np.ndarray          # its members: positions in the pool
+    seed: int
+    params: dict
+
+
+class _Fitted(NamedTuple):
+    """What training left of one model, in the trainer-independent form."""
+    params: dict
+    disclosure: np.ndarray
+    cumulative_gnq: np.ndarray
+    steps_used: np.ndarray
+    retired: np.ndarray
+    noise_multiplier: float | None
+    epsilon: float | None
+    learning_rate: float
+    sampling: str
+    final_loss: float | None
+
+
+def _fit_group(spec: ShadowSpec, runs: Sequence[_Run], *, pool: Dataset,
+               checkpoint_dir: str | None) -> tuple[list[_Fitted], float]:
+    """Train ``runs`` together (one vmapped step); (fitted models, wall seconds).
+
+    The one place that calls the arm and trainer APIs. Ids are pool
+    positions: the ledger is (N,) for every model, so all models of an arm
+    share state shapes and (with a persistent compilation cache) one compiled
+    step. The models differ only in what lives in their state (init, DP-SGD's
+    sigma and noise key) and data, so the first model's stage serves them
+    all. The trainer's own step bar stays off.
+    """
+    loss_fn = softmax_cross_entropy(spec.model)
+    quiet = dataclasses.replace(spec.config, progress=False)
+    pipelines = [build_pipeline(spec.arm, loss_fn=loss_fn, train_size=len(r.rows),
+                                batch_size=quiet.batch_size, epochs=quiet.epochs, seed=r.seed,
+                                num_examples=len(pool), method=spec.method) for r in runs]
+    configs = [dataclasses.replace(quiet, seed=r.seed, sampling=p.sampling,
+                                   learning_rate=spec.arm.learning_rate or quiet.learning_rate)
+               for r, p in zip(runs, pipelines)]
+    first = pipelines[0]
+    start = time.perf_counter()
+    results = train_stacked(
+        params=[r.params for r in runs], stage=first.stage,
+        stage_states=[p.stage.init(r.params) for r, p in zip(runs, pipelines)],
+        data=[(pool.images[r.rows], pool.labels[r.rows], r.rows) for r in runs],
+        configs=configs, model=spec.model, workdir=checkpoint_dir, resume=True)
+    jax.block_until_ready([r.params for r in results])
+    wall = time.perf_counter() - start
+    fitted = []
+    for result, pipeline, config in zip(results, pipelines, configs):
+        # The ledger is already indexed by pool position; OUT entries are 0.
+        book = jax.device_get(ledger(result.aggregator_state))
+        fitted.append(_Fitted(
+            params=result.params,
+            disclosure=np.asarray(book.disclosure, np.float32),
+            cumulative_gnq=np.asarray(book.cumulative_gnq, np.float32),
+            steps_used=np.asarray(book.steps_used, np.int32),
+            retired=np.asarray(book.retired, bool),
+            noise_multiplier=pipeline.noise_multiplier, epsilon=pipeline.epsilon,
+            learning_rate=config.learning_rate, sampling=config.sampling,
+            final_loss=result.history[-1].get("loss") if result.history else None))
+    return fitted, wall
+
+
+class ShadowTrainer:
+    """Trains the shadow models of ``spec`` on ``pool``, group by group, and
+    queries them on the pool and the population."""
+
+    def __init__(self, spec: ShadowSpec, *, pool: Dataset, population: Dataset):
+        check_data(pool, population)
+        self.spec, self.pool, self.population = spec, pool, population
+        self.in_mask = membership(spec, pool)
+        # One jitted query for the whole run: every group reuses its compilation.
+        self._query = _query_fn(spec.model, spec.augmentations)
+
+    def _prepare(self, m: int) -> _Run:
+        seed = self.spec.seed * 100_003 + m  # distinct per (run seed, model)
+        params = self.spec.model.init(jax.random.key(seed),
+                                      to_float(self.pool.images[:1]))["params"]
+        return _Run(m, np.flatnonzero(self.in_mask[m]), seed, params)
+
+    def train(self, models: Sequence[int], *, checkpoint_dir: str | None = None
+              ) -> list[ShadowModel]:
+        """Train ``models`` together; their arrays and summaries, in that order.
+
+        checkpoint_dir: the trainer checkpoints there (and resumes from it).
+        """
+        runs = [self._prepare(m) for m in models]
+        fitted, wall = _fit_group(self.spec, runs, pool=self.pool,
+                                  checkpoint_dir=checkpoint_dir)
+        return [self._summarise(run, fit, wall, models) for run, fit in zip(runs, fitted)]
+
+    def _summarise(self, run: _Run, fit: _Fitted, wall: float,
+                   group: Sequence[int]) -> ShadowModel:
+        batch = self.spec.config.eval_batch_size
+        logits = _logits(self._query, fit.params, self.pool.images, batch)
+        population_logits = _logits(self._query, fit.params, self.population.images, batch)
+        correct = np.argmax(logits[:, 0], -1) == self.pool.labels
+        summary = {
+            "model": run.m, "num_train": len(run.rows),
+            # Models trained together share their wall time equally.
+            "wall_seconds": wall / len(group), "trained_with": list(group),
+            "group_wall_seconds": wall,
+            "train_accuracy": float(correct[run.rows].mean()),
+            "test_accuracy": float((np.argmax(population_logits[:, 0], -1)
+                                    == self.population.labels).mean()),
+            "noise_multiplier": fit.noise_multiplier, "epsilon": fit.epsilon,
+            "learning_rate": fit.learning_rate, "sampling": fit.sampling,
+            "final_loss": fit.final_loss,
+        }
+        arrays = dict(logits=logits, population_logits=population_logits,
+                      disclosure=fit.disclosure, cumulative_gnq=fit.cumulative_gnq,
+                      steps_used=fit.steps_used, retired=fit.retired)
+        return ShadowModel(arrays, summary)

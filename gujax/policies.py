@@ -1,0 +1,566 @@
+"""Policies: what to do with each example's gradient, decided from the Gram matrix.
+
+A policy never sees a gradient. It sees the (B + R, B + R) Gram matrix K of
+the step's B batch rows (then R reference rows), the examples' ids and the
+padding mask, and its own state, and returns one weight per batch row; the
+gradient engine (``gujax.engine``) then forms sum_j w_j g_j and the policy
+finishes it into the update (DP-SGD adds its noise there):
+
+    weights, state = policy.weights(K, example_ids, mask, state)
+    update, state = policy.finish(engine_pass.weighted_sum(weights), state)
+
+``Policy.cross_terms`` says whether the policy reads K's off-diagonal
+entries; when it does not (plain DP-SGD needs only the squared norms on the
+diagonal) the engine passes ``diag(||g_j||^2)`` and skips the B x B cross terms.
+
+The GNQ policies (``monitor_policy``, ``censor_policy``, ``clip_policy``)
+keep a per-example disclosure ledger (``GnqState``); DP-SGD (``dpsgd_policy``)
+keeps its noise key and, optionally, the same ledger charged on the clipped
+gradients with the floor lam = sigma^2 C^2. Realised disclosure, the fixed
+step floor and the fixed-point iterations are explained in docs/theory.md.
+
+Realised disclosure. Every GNQ policy scales example j's gradient by a factor
+c_j in [0, 1] (monitor: 1; censor: 0 or 1; clip: the clip factor) and
+aggregates sum_j c_j g_j / n, n the number of real (unmasked) rows. The
+disclosure charged to j is computed from the gradients the update really
+contains, c_j g_j, against a floor lam fixed for the step from the batch as
+sampled. Leaving an example out, or scaling it down, shrinks everybody else's
+S_-j, which can only raise their GNQ, so censor and clip iterate until the
+charge they account for is the charge they incur.
+"""
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from optax.contrib import DifferentiallyPrivateAggregateState
+
+from gujax import checks
+from gujax.uniqueness import disclosure, gnq_from_gram, regulariser
+
+PyTree = Any
+
+# Quantile levels of the per-example disclosure D reported by ``disclosure_quantiles``.
+DISCLOSURE_QUANTILES = (0.5, 0.9, 0.99, 1.0)
+
+
+class Ledger(NamedTuple):
+    """The durable per-example disclosure record (leading axis ``num_examples``).
+
+      cumulative_gnq: float32, sum of the realised GNQ over the steps that
+        used the example.
+      disclosure: float32, D_j = sum of d_j = 1/2 log(1 + GNQ_j), nats.
+      steps_used: int32, steps whose update contained the example (weight > 0).
+      times_scored: int32, steps in which the example was a real batch row
+        (copies of one example in a batch count once).
+      retired: bool, refused for good (``censor_policy(policy="retire")`` only).
+      last_gnq: float32, GNQ of the example's gradient in the most recent step
+        that scored it, against the whole batch before any refusal or clipping
+        (NaN if never scored or its gradient was not finite).
+      step: () int32, number of updates so far.
+    """
+    cumulative_gnq: jax.Array
+    disclosure: jax.Array
+    steps_used: jax.Array
+    times_scored: jax.Array
+    retired: jax.Array
+    last_gnq: jax.Array
+    step: jax.Array
+
+
+class StepInfo(NamedTuple):
+    """What the last step did (0-d arrays), the trainer's per-step metrics.
+
+      num_scored: real (unmasked, valid-id) rows.
+      num_refused: real rows given weight 0 (refused by the budget, a retired
+        example, or a non-finite gradient).
+      num_clipped: real rows given a weight factor strictly below 1.
+      num_nonfinite: real rows whose gradient was NaN/Inf.
+      num_bad_ids: rows whose id was outside [0, num_examples) (only possible
+        under jit, where ids cannot be checked; they are treated as padding).
+      max_step_disclosure: float32, largest realised d_j of the step (nats).
+    """
+    num_scored: jax.Array
+    num_refused: jax.Array
+    num_clipped: jax.Array
+    num_nonfinite: jax.Array
+    num_bad_ids: jax.Array
+    max_step_disclosure: jax.Array
+
+
+class GnqState(collections.namedtuple("GnqState", Ledger._fields + StepInfo._fields)):
+    """State of the GNQ policies: the ``Ledger`` fields, then the ``StepInfo``
+    fields of the last step (``state.ledger`` and ``state.last`` give the two
+    parts). The last step's info rides in the state because an optax
+    ``update`` has no other way out; the trainer reports it as metrics
+    (``step_metrics``) and only the ledger is meant to be kept."""
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, ledger: Ledger, last: StepInfo) -> "GnqState":
+        return cls(*ledger, *last)
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(*self[:len(Ledger._fields)])
+
+    @property
+    def last(self) -> StepInfo:
+        return StepInfo(*self[len(Ledger._fields):])
+
+    @property
+    def disclosure_quantiles(self) -> jax.Array:
+        """D at ``DISCLOSURE_QUANTILES`` over the examples scored at least once
+        (NaN before any); computed on demand, not every step."""
+        return disclosure_quantiles(self.ledger)
+
+    def step_metrics(self) -> dict[str, jax.Array]:
+        """The last step's scalars worth logging (name -> 0-d array)."""
+        return {**self.last._asdict(), "num_retired": jnp.sum(self.retired)}
+
+
+class DpsgdMonitorState(NamedTuple):
+    """State of ``dpsgd_policy(..., num_examples=N)``.
+
+    ledger: the GNQ disclosure ledger (``GnqState``), per training example.
+    key: the noise PRNG key.
+    noise_multiplier: () float32, sigma. Kept in the state rather than in the
+      compiled step, so runs that differ only in sigma (shadow models with
+      slightly different training-set sizes) share one compiled step.
+    """
+    ledger: GnqState
+    key: jax.Array
+    noise_multiplier: jax.Array
+
+    def step_metrics(self) -> dict[str, jax.Array]:
+        """The ledger's per-step scalars (see ``GnqState.step_metrics``)."""
+        return self.ledger.step_metrics()
+
+
+class Policy(NamedTuple):
+    """weights(gram, example_ids, mask, state) -> (weights (B,), state)
+         gram: (B + R, B + R) Gram matrix, batch rows first (NaN/Inf entries
+           mark a non-finite gradient); example_ids: (B,) int; mask: (B,)
+           bool or None, False marks a padding row.
+    finish(weighted_sum, state) -> (update, state): the update from
+      sum_j weights_j g_j (identity for the GNQ policies, noise for DP-SGD).
+    init() -> state.
+    cross_terms: False when only the diagonal of ``gram`` is read.
+    num_examples: the ledger's size (ids lie in [0, num_examples)), or None
+      for a policy that keeps no per-example state (ids then optional).
+    """
+    init: Callable[[], Any]
+    weights: Callable[..., tuple[jax.Array, Any]]
+    finish: Callable[[PyTree, Any], tuple[PyTree, Any]]
+    cross_terms: bool = True
+    num_examples: int | None = None
+
+
+def _unchanged(weighted_sum, state):
+    return weighted_sum, state
+
+
+def disclosure_quantiles(ledger: Ledger, levels=DISCLOSURE_QUANTILES) -> jax.Array:
+    """Quantiles of D_j (nats) over the examples scored at least once."""
+    seen = ledger.times_scored > 0
+    return jnp.nanquantile(jnp.where(seen, ledger.disclosure, jnp.nan),
+                           jnp.asarray(levels, jnp.float32))
+
+
+def gnq_ledger(state) -> Ledger:
+    """The per-example ledger inside any policy state that keeps one."""
+    if isinstance(state, GnqState):
+        return state.ledger
+    if isinstance(state, DpsgdMonitorState):
+        return state.ledger.ledger
+    raise ValueError(f"no disclosure ledger in a {type(state).__name__}")
+
+
+# ----------------------------------------------------------------------------
+# The GNQ policies.
+
+def _init_state(num_examples: int) -> GnqState:
+    zeros_f = jnp.zeros((num_examples,), jnp.float32)
+    zeros_i = jnp.zeros((num_examples,), jnp.int32)
+    scalar_i = jnp.zeros((), jnp.int32)
+    ledger = Ledger(cumulative_gnq=zeros_f, disclosure=zeros_f, steps_used=zeros_i,
+                    times_scored=zeros_i, retired=jnp.zeros((num_examples,), bool),
+                    last_gnq=jnp.full((num_examples,), jnp.nan, jnp.float32),
+                    step=scalar_i)
+    last = StepInfo(num_scored=scalar_i, num_refused=scalar_i, num_clipped=scalar_i,
+                    num_nonfinite=scalar_i, num_bad_ids=scalar_i,
+                    max_step_disclosure=jnp.zeros((), jnp.float32))
+    return GnqState.of(ledger, last)
+
+
+def _scaled_gnq(gram, factors, excluded, lam, num_scored):
+    """GNQ of the scaled gradients c_j g_j (c = ``factors`` for the B scored
+    rows, 1 for reference rows) against the fixed floor ``lam``; rows flagged
+    in ``excluded`` (N,) are left out of every S_-j and score NaN."""
+    n = gram.shape[0]
+    c = jnp.ones((n,), gram.dtype).at[:num_scored].set(factors.astype(gram.dtype))
+    scaled = gram * c[:, None] * c[None, :]
+    # gnq_from_gram drops any row whose diagonal is not finite.
+    scaled = scaled.at[jnp.arange(n), jnp.arange(n)].set(
+        jnp.where(excluded, jnp.nan, jnp.diagonal(scaled)))
+    return gnq_from_gram(scaled, reg=lam, relative=False, num_scored=num_scored)
+
+
+class _Step(NamedTuple):
+    """A validated step, as every GNQ policy starts it.
+
+    gram (N, N) floating; ids (B,) clipped into range; real (B,) rows that
+    count; excluded (N,) rows left out of every S_-j; lam the step's floor;
+    raw (B,) GNQ of the whole batch; bad_ids () count of out-of-range ids.
+    """
+    gram: jax.Array
+    ids: jax.Array
+    real: jax.Array
+    excluded: jax.Array
+    lam: jax.Array
+    raw: jax.Array
+    bad_ids: jax.Array
+
+
+def _prepare(gram, example_ids, mask, num_examples, reg, relative) -> _Step:
+    gram = jnp.asarray(gram)
+    if jnp.ndim(example_ids) != 1:
+        raise ValueError(f"example_ids must be a 1-D (B,) int array, got shape "
+                         f"{jnp.shape(example_ids)}")
+    b = jnp.shape(example_ids)[0]
+    if b == 0:
+        raise ValueError("empty batch (B = 0)")
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < b:
+        raise ValueError(f"gram must be square (B + R, B + R) with the B = {b} batch "
+                         f"rows first, got shape {gram.shape}")
+    if not jnp.issubdtype(gram.dtype, jnp.floating):
+        gram = gram.astype(jnp.result_type(float))
+    ids = checks.example_ids(example_ids, b, num_examples)
+    mask = checks.mask(mask, b)
+    good_id = (ids >= 0) & (ids < num_examples)
+    real = mask & good_id
+    n = gram.shape[0]
+    excluded = jnp.zeros((n,), bool).at[:b].set(~real)
+    # lam is fixed for the step from the batch as sampled (real, finite rows
+    # and reference rows), so that refusing or down-weighting a row lowers its
+    # signal against a fixed floor; recomputing a relative lam from the scaled
+    # rows would make a common down-scaling of every row a no-op.
+    valid = ~excluded & jnp.isfinite(jnp.diagonal(gram))
+    valid = valid & jnp.all(jnp.isfinite(gram) | ~valid[None, :], axis=1)
+    clean = jnp.where(valid[:, None] & valid[None, :], gram, 0)
+    lam = regulariser(clean, reg, relative=relative, valid=valid)
+    lam = jnp.where(lam > 0, lam, jnp.ones_like(lam))  # all-zero batch: any lam
+    raw = _scaled_gnq(gram, jnp.ones((b,)), excluded, lam, b)
+    bad_ids = jnp.sum(mask & ~good_id).astype(jnp.int32)
+    # Out-of-range ids index a valid slot (clipped) but carry zero weight.
+    safe_ids = jnp.clip(ids, 0, num_examples - 1)
+    return _Step(gram, safe_ids, real, excluded, lam, raw, bad_ids)
+
+
+def _once_per_example(rows: jax.Array, ids: jax.Array, num_examples: int) -> jax.Array:
+    """(num_examples,) int32: 1 where some row of the example is True. Copies
+    of one example in a batch count once, so counters count steps, not rows."""
+    return jnp.zeros((num_examples,), jnp.int32).at[ids].max(rows.astype(jnp.int32))
+
+
+def _record(state: GnqState, step: _Step, factors, realised_gnq, retire_rows) -> GnqState:
+    """The ledger after a step with per-row weight factors c (B,)."""
+    ledger, ids, real, raw = state.ledger, step.ids, step.real, step.raw
+    n = ledger.disclosure.shape[0]
+    used = real & (factors > 0)
+    realised = jnp.where(used, realised_gnq, 0).astype(jnp.float32)
+    d = jnp.where(used, disclosure(realised), 0).astype(jnp.float32)
+    # A row that is not real must not overwrite the slot its (clipped) id hits.
+    last_gnq = ledger.last_gnq.at[jnp.where(real, ids, n)].set(
+        raw.astype(jnp.float32), mode="drop")
+    new_ledger = Ledger(
+        cumulative_gnq=ledger.cumulative_gnq.at[ids].add(realised),
+        disclosure=ledger.disclosure.at[ids].add(d),
+        steps_used=ledger.steps_used + _once_per_example(used, ids, n),
+        times_scored=ledger.times_scored + _once_per_example(real, ids, n),
+        retired=ledger.retired | (_once_per_example(retire_rows & real, ids, n) > 0),
+        last_gnq=last_gnq,
+        step=ledger.step + 1)
+    info = StepInfo(
+        num_scored=jnp.sum(real).astype(jnp.int32),
+        num_refused=jnp.sum(real & (factors <= 0)).astype(jnp.int32),
+        num_clipped=jnp.sum(real & (factors < 1)).astype(jnp.int32),
+        num_nonfinite=jnp.sum(real & ~jnp.isfinite(raw)).astype(jnp.int32),
+        num_bad_ids=step.bad_ids,
+        max_step_disclosure=jnp.max(d))
+    return GnqState.of(new_ledger, info)
+
+
+def _mean_weights(factors, real):
+    """Aggregation weights c_j / n with n the number of real rows (fixed: a
+    refused or clipped example never enlarges the others' share)."""
+    n = jnp.maximum(jnp.sum(real), 1)
+    return jnp.where(real, factors, 0) / n
+
+
+def _gnq_policy(weights, num_examples: int) -> Policy:
+    return Policy(lambda: _init_state(num_examples), weights, _unchanged,
+                  cross_terms=True, num_examples=num_examples)
+
+
+def _common(num_examples, reg) -> tuple[int, float]:
+    return (checks.positive_int(num_examples, "num_examples"),
+            checks.positive_finite(reg, "reg"))
+
+
+def monitor_policy(*, num_examples: int, reg, relative: bool = True) -> Policy:
+    """Weights 1/n for every real row (the plain mean gradient); the ledger
+    accumulates each example's GNQ and disclosure."""
+    num_examples, reg = _common(num_examples, reg)
+
+    def weights(gram, example_ids, mask, state):
+        step = _prepare(gram, example_ids, mask, num_examples, reg, relative)
+        factors = jnp.where(jnp.isfinite(step.raw), 1.0, 0.0)
+        # Non-finite rows are already outside everyone's S_-j, so the realised
+        # scores are the raw ones.
+        new_state = _record(state, step, factors, step.raw, jnp.zeros_like(step.real))
+        return _mean_weights(factors, step.real), new_state
+
+    return _gnq_policy(weights, num_examples)
+
+
+def censor_policy(*, budget, num_examples: int, reg, relative: bool = True,
+                  policy: str = "retire") -> Policy:
+    """Admit j iff it is not retired and D_j + d_j <= budget (docs/theory.md).
+
+    d_j is the realised disclosure: the GNQ of j among the *admitted* rows
+    (plus reference rows), not among the whole batch. Starting from every
+    eligible row, rows that would overrun their budget are refused and the
+    scores of the remaining rows recomputed, until no admitted row overruns
+    (at most B rounds: the admitted set only shrinks). The first round is
+    exactly the rule as stated on the whole batch; later rounds only refuse
+    more. Copies of one example in a batch are charged together: D_j plus the
+    sum of the copies' d must fit.
+
+    policy: "retire" (a refused example is never used again) or "skip" (it is
+      only left out of this step).
+    """
+    budget = checks.budget(budget)
+    num_examples, reg = _common(num_examples, reg)
+    if policy not in ("retire", "skip"):
+        raise ValueError(f"policy must be 'retire' or 'skip', got {policy!r}")
+
+    def weights(gram, example_ids, mask, state):
+        step = _prepare(gram, example_ids, mask, num_examples, reg, relative)
+        ids, b = step.ids, step.ids.shape[0]
+        eligible = step.real & jnp.isfinite(step.raw) & ~state.ledger.retired[ids]
+
+        def charge(admitted):
+            gnq_admitted = _scaled_gnq(step.gram, admitted.astype(step.gram.dtype),
+                                       step.excluded, step.lam, b)
+            d = jnp.where(admitted, disclosure(gnq_admitted), 0).astype(jnp.float32)
+            # Sum over copies of the same example in the batch.
+            per_example = jnp.zeros((num_examples,), jnp.float32).at[ids].add(d)
+            return gnq_admitted, state.ledger.disclosure[ids] + per_example[ids]
+
+        def round_(carry):
+            admitted, _, _ = carry
+            gnq_admitted, total = charge(admitted)
+            # NaN (never for admitted rows) would compare False: refuse it.
+            keep = admitted & (total <= budget)
+            return keep, jnp.any(keep != admitted), gnq_admitted
+
+        admitted, _, gnq_admitted = jax.lax.while_loop(
+            lambda carry: carry[1], round_, (eligible, jnp.array(True), step.raw))
+        factors = admitted.astype(jnp.float32)
+        refused_by_budget = step.real & jnp.isfinite(step.raw) & ~admitted
+        retire_rows = refused_by_budget if policy == "retire" else jnp.zeros((b,), bool)
+        new_state = _record(state, step, factors, gnq_admitted, retire_rows)
+        return _mean_weights(factors, step.real), new_state
+
+    return _gnq_policy(weights, num_examples)
+
+
+# Rescaling aims this far below the cap so that the realised score, which the
+# rescaling of other rows pushes up again, settles under it in few rounds.
+_CLIP_TARGET = 1 - 1e-3
+# A realised score this close to the cap counts as within it (float32 rounding
+# of the Cholesky solve is ~1e-6 relative at moderate reg).
+_CLIP_TOLERANCE = 1 - 1e-4
+
+
+def clip_policy(*, max_step_disclosure, num_examples: int, reg, relative: bool = True,
+                max_rounds: int = 20) -> Policy:
+    """Scale g_j by c_j in [0, 1] so that every realised d_j <= the cap.
+
+    With s_max = exp(2 * max_step_disclosure) - 1, one rescaling
+    c_j = min(1, sqrt(s_max / GNQ_j)) is not enough: shrinking the other rows
+    shrinks S_-j, so the realised GNQ'_j = c_j^2 g_j^T S'_-j^-1 g_j can exceed
+    c_j^2 GNQ_j. The policy therefore repeats
+    c_j <- c_j * min(1, sqrt(0.999 s_max / GNQ'_j)) on the realised scores (c
+    only decreases). Rows still over the cap after ``max_rounds`` rounds are
+    set to zero, one round at a time, until none is over; zero rows disclose
+    nothing, so this ends within B more rounds and the cap then holds for
+    every row (up to float rounding, 1e-4 relative).
+
+    lam stays at the step's value for the batch as sampled, so the cap is in
+    units of that floor.
+    """
+    cap = checks.positive_finite(max_step_disclosure, "max_step_disclosure")
+    num_examples, reg = _common(num_examples, reg)
+    max_rounds = checks.positive_int(max_rounds, "max_rounds")
+    s_max = math.expm1(2 * cap)
+
+    def weights(gram, example_ids, mask, state):
+        step = _prepare(gram, example_ids, mask, num_examples, reg, relative)
+        b = step.ids.shape[0]
+        start = jnp.where(step.real & jnp.isfinite(step.raw), 1.0, 0.0).astype(step.gram.dtype)
+
+        def realised(c):
+            return jnp.where(c > 0, _scaled_gnq(step.gram, c, step.excluded, step.lam, b), 0)
+
+        def over(score):
+            return score > s_max * _CLIP_TOLERANCE
+
+        def round_(carry):
+            c, score, rounds = carry
+            shrink = jnp.sqrt(s_max * _CLIP_TARGET / jnp.maximum(score, 1e-30))
+            rescaled = jnp.where(over(score), c * shrink, c)
+            zeroed = jnp.where(over(score), 0.0, c)
+            c = jnp.where(rounds < max_rounds, rescaled, zeroed)
+            return c, realised(c), rounds + 1
+
+        c, score, _ = jax.lax.while_loop(
+            lambda carry: jnp.any(over(carry[1])), round_,
+            (start, realised(start), jnp.array(0)))
+        factors = c.astype(jnp.float32)
+        new_state = _record(state, step, factors, score, jnp.zeros((b,), bool))
+        return _mean_weights(factors, step.real), new_state
+
+    return _gnq_policy(weights, num_examples)
+
+
+def mean_policy() -> Policy:
+    """Plain SGD's mean gradient over the real rows, with no state; a row whose
+    gradient is not finite is left out (the denominator still counts it)."""
+    def weights(gram, example_ids, mask, state):
+        diag = jnp.diagonal(gram)
+        real = checks.mask(mask, diag.shape[0])
+        return _mean_weights(jnp.isfinite(diag).astype(jnp.float32), real), state
+    return Policy(lambda: (), weights, _unchanged, cross_terms=False)
+
+
+# ----------------------------------------------------------------------------
+# DP-SGD.
+
+def clip_factors(sq_norms: jax.Array, l2_norm_clip, keep: jax.Array) -> jax.Array:
+    """(B,) min(1, C / ||g_j||) for the kept rows with a finite norm, else 0
+    (a dropped row contributes nothing). A zero norm gets factor 1."""
+    norms = jnp.sqrt(jnp.where(keep, sq_norms, 0))
+    factors = jnp.where(norms > l2_norm_clip, l2_norm_clip / jnp.where(norms > 0, norms, 1), 1.0)
+    return jnp.where(keep & jnp.isfinite(sq_norms), factors, 0.0)
+
+
+def gaussian_noise(key: jax.Array, like: PyTree, std) -> tuple[PyTree, jax.Array]:
+    """N(0, std^2) per coordinate, shaped like ``like``, and the next key.
+
+    The one key schedule of gujax's DP-SGD, optax's
+    (``differentially_private_aggregate``): ``next_key, *leaf_keys =
+    split(key, num_leaves + 1)``, one key per leaf in tree order.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    next_key, *keys = jax.random.split(key, len(leaves) + 1)
+    noise = [jnp.asarray(std).astype(g.dtype) * jax.random.normal(k, jnp.shape(g), g.dtype)
+             for g, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, noise), next_key
+
+
+def _noised(clipped_sum, key, std, denominator):
+    noise, next_key = gaussian_noise(key, clipped_sum, std)
+    update = jax.tree_util.tree_map(lambda g, z: (g + z) / denominator, clipped_sum, noise)
+    return update, next_key
+
+
+def _charge_clipped(gram, c, finite, example_ids, mask, state: DpsgdMonitorState, *,
+                    l2_norm_clip) -> GnqState:
+    """The ledger on the clipped gradients with lam = sigma^2 C^2, computed as
+    GNQ of K c c^T / (sigma C)^2 with lam = 1 (GNQ is invariant to scaling K
+    and lam together)."""
+    b = gram.shape[0]
+    floor = jnp.square(state.noise_multiplier * l2_norm_clip).astype(gram.dtype)
+    scaled = gram * (c[:, None] * c[None, :]).astype(gram.dtype) / floor
+    # A non-finite row gets a NaN diagonal: the monitor leaves it out of
+    # every S_-j, as it is left out of the sum.
+    scaled = scaled.at[jnp.arange(b), jnp.arange(b)].set(
+        jnp.where(finite, jnp.diagonal(scaled), jnp.nan))
+    monitor = monitor_policy(num_examples=state.ledger.disclosure.shape[0], reg=1.0,
+                             relative=False)
+    _, ledger = monitor.weights(scaled, example_ids, mask, state.ledger)
+    return ledger
+
+
+def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: int = 0,
+                 num_examples: int | None = None) -> Policy:
+    """DP-SGD: per-example L2 clipping to C, Gaussian noise N(0, sigma^2 C^2 I)
+    on the clipped sum, division by the expected batch size.
+
+    weights: the clip factors min(1, C / ||g_j||) from the Gram diagonal, 0
+    for padding and non-finite rows. finish: (sum + noise) / expected_batch_size
+    with ``gaussian_noise``'s key schedule.
+
+    Without ``num_examples`` the policy reads only the diagonal, sigma is a
+    constant of the step, and the state is optax's
+    ``DifferentiallyPrivateAggregateState(rng_key)``. With it the state is a
+    ``DpsgdMonitorState``: sigma lives in the state and the GNQ ledger is
+    charged on the clipped gradients with the floor lam = sigma^2 C^2
+    (docs/theory.md); since ||clip(g_j)|| <= C one step then discloses at most
+    1/2 log(1 + 1/sigma^2) nats about any example.
+
+    Args:
+      l2_norm_clip: C (gradient L2 units). expected_batch_size: q N under
+        Poisson sampling, or the fixed batch size. noise_multiplier: sigma
+        (> 0 with a ledger, which needs a floor; else >= 0). Concrete values
+        are checked; traced ones are trusted.
+      seed: seeds the noise key kept in the state.
+      num_examples: size of the ledger, or None for no ledger.
+    """
+    checks.positive_finite_or_traced(l2_norm_clip, "l2_norm_clip")
+    checks.positive_finite_or_traced(expected_batch_size, "expected_batch_size")
+    with_ledger = num_examples is not None
+    checks.positive_finite_or_traced(noise_multiplier, "noise_multiplier",
+                                     allow_zero=not with_ledger)
+    if with_ledger:
+        num_examples = checks.positive_int(num_examples, "num_examples")
+
+    def weights(gram, example_ids, mask, state):
+        gram = jnp.asarray(gram)
+        b = gram.shape[0]
+        mask = checks.mask(mask, b)
+        sq = jnp.diagonal(gram)
+        # A NaN/Inf anywhere in g_j shows on its squared norm.
+        finite = jnp.isfinite(sq)
+        keep = finite & mask
+        c = clip_factors(sq, l2_norm_clip, keep)
+        if with_ledger:
+            clean = jnp.where(keep[:, None] & keep[None, :], gram, 0)
+            state = state._replace(ledger=_charge_clipped(
+                clean, c, finite, example_ids, mask, state, l2_norm_clip=l2_norm_clip))
+        return c, state
+
+    if with_ledger:
+        def init():
+            return DpsgdMonitorState(_init_state(num_examples), jax.random.key(seed),
+                                     jnp.asarray(noise_multiplier, jnp.float32))
+
+        def finish(clipped_sum, state):
+            update, key = _noised(clipped_sum, state.key, state.noise_multiplier * l2_norm_clip,
+                                  expected_batch_size)
+            return update, state._replace(key=key)
+    else:
+        def init():
+            return DifferentiallyPrivateAggregateState(rng_key=jax.random.key(seed))
+
+        def finish(clipped_sum, state):
+            update, key = _noised(clipped_sum, state.rng_key, noise_multiplier * l2_norm_clip,
+                                  expected_batch_size)
+            return update, DifferentiallyPrivateAggregateState(rng_key=key)
+
+    return Policy(init, weights, finish, cross_terms=with_ledger, num_examples=num_examples)
