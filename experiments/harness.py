@@ -53,7 +53,7 @@ from gujax.arms import KINDS, METHODS, Arm, build_pipeline, ledger, parse_arm
 from gujax.audit.shadow import audit_arm
 from gujax.data import Dataset, default_cache_dir, load, random_crop_flip, random_subset
 from gujax.models import MLP, SmallCNN, WideResNet
-from gujax.train import TrainConfig, softmax_cross_entropy, train, train_stacked
+from gujax.train import TrainConfig, softmax_cross_entropy, train_stacked
 
 
 # ----------------------------------------------------------------------------
@@ -404,7 +404,7 @@ def train_arm(arm: Arm, settings: Settings, model, data: Sequence[tuple[np.ndarr
     model m from the init of ``seeds[m]`` with its batches and noise seeded
     by it; example ids are positions 0..N-1. Several models train together,
     one step vmapped over them (``train_stacked``: the models each would be
-    alone, to rounding); one trains alone (``train``). The arm's pipeline is
+    alone, to rounding). The arm's pipeline is
     built for ``settings.epochs``.
 
     snapshot_epochs: keep the parameters at the end of these epochs
@@ -424,14 +424,10 @@ def train_arm(arm: Arm, settings: Settings, model, data: Sequence[tuple[np.ndarr
     # What differs between the models (init, DP-SGD's sigma and noise key)
     # lives in their stage states: the first pipeline's stage serves them all.
     stage = pipelines[0].stage
-    if len(runs) == 1:
-        results = [train(params=params[0], stage=stage, data=runs[0], config=configs[0],
-                         model=model, snapshot_epochs=snapshot_epochs)]
-    else:
-        results = train_stacked(params=params, stage=stage,
-                                stage_states=[p.stage.init(q) for p, q in zip(pipelines, params)],
-                                data=runs, configs=configs, model=model,
-                                snapshot_epochs=snapshot_epochs)
+    results = train_stacked(params=params, stage=stage,
+                            stage_states=[p.stage.init(q) for p, q in zip(pipelines, params)],
+                            data=runs, configs=configs, model=model,
+                            snapshot_epochs=snapshot_epochs)
     return [Trained(r.params, ledger(r.aggregator_state), dict(r.snapshots or {}))
             for r in results]
 
