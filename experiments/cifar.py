@@ -27,7 +27,7 @@ _PAPER = ComparisonSettings(
     reg=0.1, delta=1e-5, clip_norm=1.0,
     arms=("sgd", "dpsgd:eps=1", "dpsgd:eps=3", "dpsgd:eps=8",
           "censor:tau=2", "censor:tau=8", "censor:tau=32", "clip:max_step=0.05"),
-    seed=0, checkpoint_every=500, step_progress=True,
+    seed=0, checkpoint_every=500,
     note="Paper preset: full CIFAR-10 train split as the membership pool (each model "
          "trains on a random half), WRN-16-4 with GroupNorm, 64 shadow models per arm.")
 
@@ -43,7 +43,7 @@ PRESETS = harness.presets(
     cpu=dataclasses.replace(
         _PAPER, model="mlp", hidden=(512,), pool_size=2000, population_size=2000,
         num_models=8, models_at_once=8, epochs=100, batch_size=64, learning_rate=0.02,
-        momentum=0.0, augment=False, step_progress=False,
+        momentum=0.0, augment=False,
         attack_augmentations=("identity", "flip"),
         arms=("sgd", "dpsgd:eps=1", "dpsgd:eps=3", "dpsgd:eps=8",
               "censor:tau=8", "censor:tau=16", "censor:tau=32", "clip:max_step=0.1"),
@@ -55,7 +55,7 @@ PRESETS = harness.presets(
     smoke=dataclasses.replace(
         _PAPER, model="smallcnn", widths=(8, 16), pool_size=200, population_size=100,
         num_models=4, epochs=2, batch_size=50, learning_rate=0.1, momentum=0.0, augment=True,
-        step_progress=False, checkpoint_every=10_000,
+        checkpoint_every=10_000,
         arms=("sgd", "dpsgd:eps=3", "censor:tau=2", "clip:max_step=0.05"),
         note="Smoke preset: 200 images, 4 models, 2 epochs; a plumbing check, not a "
              "measurement."),

@@ -16,8 +16,10 @@ A dataset module supplies typed presets (``ComparisonSettings``, built on
 Every settings field is a command-line option (``--num-models 16``,
 ``--arms sgd dpsgd:eps=1 censor:tau=4``, ``--no-augment``); ``--help`` lists
 them with each preset's value. Outputs go to ``--out`` (default
-``results/<dataset>-<preset>``):
+``results/<dataset>-<preset>``; a folder in use needs ``--resume`` or
+``--overwrite``):
 
+    run.json         the experiment, the command and the settings (written first)
     results.json     {"arms": [one object per arm], "config": ..., "gujax_version": ...}
     results.csv      the same rows, flat
     table.md         the headline table
@@ -32,6 +34,7 @@ import dataclasses
 import math
 import os
 import time
+from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -46,6 +49,7 @@ from gujax.arms import Arm
 from gujax.audit.plots import plot_disclosure_vs_attack, plot_roc
 from gujax.audit.shadow import (AUGMENTATIONS, ShadowAudit, ShadowRecord,
                                 mean_over_members)
+from gujax.data import Dataset
 
 # Keys every results.json arm object carries (the notebooks rely on them).
 REQUIRED_KEYS = ("arm", "test_accuracy", "train_accuracy", "mia_auc",
@@ -64,7 +68,7 @@ class ComparisonSettings(Settings):
                                "size (0: all of it); each shadow model trains on a random half")
     population_size: int = option(0, "held-out population: a random subset of the test split "
                                      "(0: all of it); test accuracy and RMIA's reference")
-    num_models: int = option(8, "shadow models per arm (>= 2; each is attacked with the others "
+    num_models: int = option(8, "shadow models per arm (>= 3; each is attacked with the others "
                                 "as its shadows)")
     models_at_once: int = option(1, "shadow models trained together, one step vmapped over "
                                     "them (the same models to rounding)")
@@ -76,10 +80,27 @@ class ComparisonSettings(Settings):
     arms: tuple[str, ...] = option(
         ("sgd", "dpsgd:eps=3", "censor:tau=8", "clip:max_step=0.1"),
         "training arms, kind[:key=value,...] (gujax.arms.parse_arm): sgd, dpsgd:eps=E, "
-        "censor:tau=T, clip:max_step=S", parse=arm_text)
-    note: str = option("", "what the preset measures or reduces, printed above the table")
+        "censor:tau=T, clip:max_step=S; see arms below", parse=arm_text)
+
+    NOTES = ("Sizes: --pool-size 0 takes the whole train split as the membership pool, "
+             "--population-size 0 the whole test split; a size beyond the split is an error.",)
 
     def check(self) -> None:
+        super().check()
+        for name in ("pool_size", "population_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (the whole split) or a positive size, "
+                                 f"got {getattr(self, name)}")
+        if self.num_models < 3:
+            raise ValueError(f"num_models must be >= 3 (each model is attacked with the "
+                             f"others as its shadows, and LiRA fits its IN and OUT "
+                             f"Gaussians from two or more of them), got {self.num_models}")
+        if self.models_at_once < 1:
+            raise ValueError(f"models_at_once must be >= 1, got {self.models_at_once}")
+        unrecorded = sorted(set(self.attack_augmentations) - set(self.query_augmentations))
+        if unrecorded:
+            raise ValueError(f"attack_augmentations {unrecorded} are not among the recorded "
+                             f"query_augmentations {list(self.query_augmentations)}")
         harness.check_arms(self.arms, self, by_name=True)
 
 
@@ -164,19 +185,35 @@ def markdown_table(rows: list[dict], settings: ComparisonSettings, pool_n: int,
     return "\n".join(lines + [format_table(rows, TABLE_COLUMNS, markdown=True)]) + "\n"
 
 
-def plot_privacy_utility(rows: list[dict], path: str) -> None:
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.add_subplot()
-    for row in rows:
-        x, y = row["mia_tpr_at_1pct_fpr"], row["test_accuracy"]
-        ax.scatter([x], [y])
-        ax.annotate(row["arm"], (x, y), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
-    ax.axvline(0.01, ls="--", c="gray", lw=0.8, label="chance (TPR = FPR)")
-    ax.set_xlabel("LiRA TPR at 1% FPR (lower = more private)")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+MARKERS = {"sgd": "o", "dpsgd": "s", "censor": "^", "clip": "D"}
+# (x key, x label, chance level) of the privacy/utility panels.
+PRIVACY_AXES = (("mia_tpr_at_1pct_fpr", "LiRA TPR at 1% FPR", 0.01),
+                ("mia_auc", "LiRA AUC", 0.5))
+
+
+def plot_privacy_utility(rows: list[dict], path: str, *, title: str = "") -> None:
+    """Test accuracy (mean +- std over the models) against two LiRA
+    metrics, one point per arm (marker by kind); chance marked; the arms'
+    legend below the panels."""
+    fig = Figure(figsize=(10, 4.8), layout="constrained")
+    axes = fig.subplots(1, len(PRIVACY_AXES), sharey=True)
+    colors = [f"C{i % 10}" for i in range(len(rows))]
+    for ax, (key, label, chance) in zip(axes, PRIVACY_AXES):
+        for row, color in zip(rows, colors):
+            ax.errorbar([row[key]], [row["test_accuracy"]],
+                        yerr=[row.get("test_accuracy_std") or 0.0], fmt=MARKERS.get(
+                            row.get("kind"), "o"), color=color, ms=7, capsize=3,
+                        label=row["arm"])
+        ax.axvline(chance, ls="--", c="gray", lw=0.8)
+        ax.annotate("chance", (chance, 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", fontsize=7, color="gray")
+        ax.set_xlabel(f"{label} (lower = more private)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (mean +- std over models)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(rows)),
+               fontsize=8, frameon=False)
+    fig.suptitle(title or "privacy and utility per arm")
     fig.savefig(path, dpi=150)
 
 
@@ -210,35 +247,62 @@ def save_per_example(path: str, record: ShadowRecord, audit: ShadowAudit) -> Non
 
 # ----------------------------------------------------------------------------
 
-def run(settings: ComparisonSettings, out: str, *, resume: bool = False) -> dict:
-    """Run the comparison described by ``settings`` into ``out``; write and
-    return the results."""
-    harness.start(out, "per_example")
-    pool, population = harness.load_data(settings, settings.pool_size, settings.population_size)
-    model = harness.build_model(settings, len(pool.class_names))
-    arms = [harness.make_arm(text, settings) for text in settings.arms]
+class Prepared(NamedTuple):
+    """What a run needs before it trains: the arms, the data and the model."""
+    arms: list[Arm]
+    pool: Dataset
+    population: Dataset
+    model: Any
 
+
+def _shadow_dir(out: str, arm: Arm) -> str:
+    return os.path.join(out, "shadow", arm.slug)
+
+
+def prepare(run: harness.Run) -> Prepared:
+    """The arms, the pool and population, the model, each arm's shadow
+    models checked (a batch that fits; with --resume, the same run as the one
+    in --out): every ``ValueError`` before anything is trained or written."""
+    settings = run.settings
+    arms = [harness.make_arm(text, settings) for text in settings.arms]
+    pool, population = harness.load_data(settings, settings.pool_size, settings.population_size)
+    model = harness.build_model(settings, len(pool.class_names), pool.images.shape[1:])
+    for arm in arms:
+        harness.check_shadow_audit(
+            arm, settings, pool=pool, population=population, model=model,
+            num_models=settings.num_models, workdir=_shadow_dir(run.out, arm),
+            query_augmentations=settings.query_augmentations, resume=run.resume)
+    return Prepared(arms, pool, population, model)
+
+
+def execute(run: harness.Run, prepared: Prepared) -> dict:
+    """Train and attack every arm into ``run.out``; write and return the results."""
+    settings, out = run.settings, run.out
+    pool, population = prepared.pool, prepared.population
+    os.makedirs(os.path.join(out, "per_example"), exist_ok=True)
     rows, audits, evaluations = [], {}, {}
     start = time.perf_counter()
-    for arm in tqdm(arms, desc="arms", disable=not settings.progress):
+    for arm in tqdm(prepared.arms, desc="arms", disable=not settings.progress):
         record, audit = harness.shadow_audit(
-            arm, settings, pool=pool, population=population, model=model,
-            num_models=settings.num_models, workdir=os.path.join(out, "shadow", arm.slug),
+            arm, settings, pool=pool, population=population, model=prepared.model,
+            num_models=settings.num_models, workdir=_shadow_dir(out, arm),
             query_augmentations=settings.query_augmentations,
-            attack_augmentations=settings.attack_augmentations, resume=resume,
+            attack_augmentations=settings.attack_augmentations, resume=run.resume,
             models_at_once=settings.models_at_once)
         rows.append(summarize_arm(arm, record, audit))
         audits[arm.name] = audit
         evaluations[arm.name] = audit.evaluations["lira_online"]
         save_per_example(os.path.join(out, "per_example", f"{arm.slug}.npz"), record, audit)
 
-    config = {**dataclasses.asdict(settings), "out": out, "pool_n": len(pool),
+    config = {**settings.record(), "out": out, "pool_n": len(pool),
               "population_n": len(population), "num_classes": len(pool.class_names)}
     results = {"arms": rows, "config": config, **environment(),
                "total_wall_seconds": time.perf_counter() - start}
     write_report(out, record=results, rows=rows,
                  table=markdown_table(rows, settings, len(pool), len(population)))
-    plot_privacy_utility(rows, os.path.join(out, "privacy_utility.png"))
+    plot_privacy_utility(rows, os.path.join(out, "privacy_utility.png"),
+                         title=f"{settings.dataset} / {settings.preset}: privacy and utility "
+                               f"({settings.num_models} shadow models per arm)")
     plot_roc(evaluations, path=os.path.join(out, "roc.png"),
              title="LiRA online, pooled over targets")
     plot_disclosure_grid(audits, os.path.join(out, "gnq_vs_attack.png"))
@@ -246,6 +310,6 @@ def run(settings: ComparisonSettings, out: str, *, resume: bool = False) -> dict
 
 
 def main(argv, experiment: harness.Experiment) -> dict:
-    """``python -m experiments.<experiment.name>``: parse, run, report."""
-    command = harness.parse_command_line(argv, experiment)
-    return run(command.settings, command.out, resume=command.resume)
+    """``python -m experiments.<experiment.name>``: parse, check, run, report
+    (``harness.main``)."""
+    return harness.main(argv, experiment, prepare=prepare, execute=execute)

@@ -29,7 +29,7 @@ _DEFAULT = ComparisonSettings(
     reg=0.1, delta=1e-5, clip_norm=1.0,
     arms=("sgd", "dpsgd:eps=1", "dpsgd:eps=3", "dpsgd:eps=8",
           "censor:tau=8", "censor:tau=16", "censor:tau=32", "clip:max_step=0.1"),
-    seed=0, checkpoint_every=10_000, step_progress=False,
+    seed=0, checkpoint_every=10_000,
     note="Digits preset: a random 500-example pool of the train split (each shadow "
          "model trains on a random half), 12 shadow models per arm, MLP 64-512-10, "
          "60 epochs.")

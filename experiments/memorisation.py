@@ -66,6 +66,8 @@ class MemorisationSettings(Settings):
         for name in ("num_train", "num_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > self.num_train:
+            raise ValueError(f"batch_size {self.batch_size} exceeds num_train {self.num_train}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +76,23 @@ class ArmSettings(MemorisationSettings):
     arms: tuple[str, ...] = option(
         ("sgd", "dpsgd", "censor", "clip"),
         "training arms, kind[:key=value,...] (gujax.arms.parse_arm); a censor/clip arm "
-        "without tau=/max_step= takes it from the plain sgd run's ledger", parse=arm_text)
+        "without tau=/max_step= takes it from the plain sgd run's ledger; see arms below",
+        parse=arm_text)
     censor_quantile: float = option(0.9, "a censor arm's budget: this quantile of the plain "
                                          "sgd run's D_j")
     clip_quantile: float = option(0.5, "a clip arm's per-step cap: this quantile of the plain "
                                        "sgd run's D_j / steps_used_j")
 
+    NOTES = ("Here an arm may leave its budget out: a dpsgd arm without eps= takes "
+             "--target-epsilon, a censor arm without tau= the --censor-quantile quantile of "
+             "the plain sgd run's D_j, a clip arm without max_step= the --clip-quantile "
+             "quantile of its per-step D_j / steps_used_j.",)
+
     def check(self) -> None:
         super().check()
+        for name in ("censor_quantile", "clip_quantile"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         harness.check_arms(self.arms, self, by_name=False)
 
 
@@ -193,8 +204,9 @@ def auc_p_value(scores, is_member) -> float:
 # Records, checked claims and the printed summary.
 
 def base_record(settings: Settings) -> dict[str, Any]:
-    """What every results JSON starts with: the settings and the machine."""
-    return {"settings": dataclasses.asdict(settings), **environment()}
+    """What every results JSON starts with: the settings (those that apply,
+    ``Settings.record``) and the machine."""
+    return {"settings": settings.record(), **environment()}
 
 
 def claim(text: str, supported: bool | None, evidence: str) -> dict:

@@ -1,9 +1,14 @@
 """The comparison runner: smoke presets of experiments.digits and
 experiments.cifar (on a generated image folder), the results schema, resume,
-the notebooks executed on the smoke results; the stacked-training benchmark."""
+the command line (refusing a folder in use, --overwrite, one-line errors,
+--help, Ctrl-C), the notebooks executed on the smoke results; the
+stacked-training benchmark."""
+import dataclasses
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import nbformat
 import numpy as np
@@ -60,7 +65,12 @@ def digits_smoke(tmp_path_factory):
 def test_digits_smoke_schema(digits_smoke):
     results = _check_results(digits_smoke, ["sgd", "dpsgd eps=1", "gnq-censor tau=8",
                                             "gnq-clip s=0.1"])
-    assert results["config"]["preset"] == "smoke" and results["config"]["pool_n"] == 1433
+    config = results["config"]
+    assert config["preset"] == "smoke" and config["pool_n"] == 1433
+    # Only the settings of the chosen model (an MLP) are recorded.
+    assert config["hidden"] == [64] and not {"widths", "depth", "width"} & set(config)
+    run = json.loads((digits_smoke / "run.json").read_text())
+    assert run["experiment"] == "digits" and "--preset smoke" in run["command"]
 
 
 def test_resume_does_not_retrain(digits_smoke, capsys):
@@ -74,16 +84,145 @@ def test_resume_does_not_retrain(digits_smoke, capsys):
         assert a["mia_auc"] == b["mia_auc"] and a["test_accuracy"] == b["test_accuracy"]
 
 
-def test_overrides_and_bad_arguments(tmp_path):
+def test_resume_with_other_settings_names_them(digits_smoke, capsys):
+    with pytest.raises(SystemExit) as info:
+        digits.main(["--preset", "smoke", "--out", str(digits_smoke), "--resume",
+                     "--epochs", "4"])
+    assert info.value.code == 2
+    err = _one_line_error(capsys.readouterr().err)
+    assert "config.epochs (saved 3, now 4)" in err and "--overwrite" in err
+
+
+def _one_line_error(stderr: str) -> str:
+    """The one line a bad command line prints."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_overrides_and_bad_arguments(tmp_path, capsys):
     settings = harness.parse_command_line(
         ["--preset", "smoke", "--num-models", "3", "--no-augment",
          "--arms", "sgd", "censor:tau=1"], digits.EXPERIMENT).settings
     assert settings.num_models == 3 and settings.augment is False
     assert settings.arms == ("sgd", "censor:tau=1") and settings.epochs == 3
-    with pytest.raises(SystemExit):
-        harness.parse_command_line(["--preset", "huge"], digits.EXPERIMENT)
-    with pytest.raises(ValueError, match="same name"):
-        digits.main(["--preset", "smoke", "--out", str(tmp_path), "--arms", "sgd", "sgd"])
+    for argv, match in ((["--preset", "huge"], "invalid choice"),
+                        (["--step-progress", "maybe"], "true/false"),
+                        (["--arms", "censor:tau=1,relative=maybe"], "true or false"),
+                        (["--num-models", "2"], "num_models must be >= 3"),
+                        (["--attack-augmentations", "flip", "--query-augmentations",
+                          "identity"], "not among the recorded")):
+        with pytest.raises(harness.UsageError, match=match):
+            harness.parse_command_line(argv, digits.EXPERIMENT)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        digits.main(["--preset", "smoke", "--out", str(out), "--arms", "sgd", "sgd"])
+    assert info.value.code == 2 and "same name" in _one_line_error(capsys.readouterr().err)
+    assert not out.exists()
+
+
+ROOT = NOTEBOOKS.parent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,expected", [
+    # A bad arm is reported before the (also missing) data.
+    (["experiments.cifar", "--arms", "sgd", "bogus", "--data-dir", "/no/such/dir"],
+     "arm kind must be one of"),
+    (["experiments.digits", "--pool-size", "5000"], "pool_size must be 0 (all) or in [1, 1433]"),
+    (["experiments.cifar", "--data-dir", "/no/such/dir"], "--data-dir may hold an image folder"),
+    (["experiments.cifar", "--data-dir", "EMPTY"], "is empty"),
+    (["experiments.curvature", "--epochs", "0"], "epochs must be a positive integer"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(args, expected, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    args = [str(tmp_path / "empty") if a == "EMPTY" else a for a in args]
+    result = _cli(*args, "--preset", "smoke", "--out", str(out))
+    assert result.returncode == 2
+    line = _one_line_error(result.stderr)
+    assert expected in line
+    assert "load(" not in line and "NotImplementedError" not in line
+    assert not out.exists()                       # validated before any folder is made
+
+
+def test_help_explains_every_option_with_its_default():
+    result = _cli("experiments.cifar", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m experiments.cifar")
+    text = " ".join(result.stdout.split())          # as wrapped to the terminal
+    for needle in ("(default: cpu)", "cpu (the default):", "dpsgd:eps=3", "censor:tau=8",
+                   "clip:max_step=0.1", "alias tau", "--pool-size 0", "one of mlp, smallcnn, "
+                   "wrn", "one of sgd, adam", "one of explicit, ghost", "--resume",
+                   "--overwrite"):
+        assert needle in text, needle
+    from experiments import curvature, reconstruction, unique_features
+    for experiment in (digits.EXPERIMENT, cifar.EXPERIMENT, unique_features.EXPERIMENT,
+                       curvature.EXPERIMENT, reconstruction.EXPERIMENT):
+        parser = harness.build_parser(experiment)
+        for action in parser._actions:
+            if action.dest != "help":
+                assert "default" in action.help, (experiment.name, action.dest)
+        assert ("--resume" in parser.format_help()) == experiment.resumable
+
+
+def _tiny_digits(out, *extra):
+    return digits.main(["--preset", "smoke", "--out", str(out), "--pool-size", "80",
+                        "--population-size", "40", "--num-models", "3", "--epochs", "1",
+                        "--batch-size", "16", "--arms", "sgd", *extra])
+
+
+def test_a_folder_in_use_is_refused_and_overwrite_replaces_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as info:
+        _tiny_digits(out)
+    err = _one_line_error(capsys.readouterr().err)
+    assert info.value.code == 2 and "--resume" in err and "--overwrite" in err
+    with pytest.raises(SystemExit):               # not a run: --overwrite deletes nothing
+        _tiny_digits(out, "--overwrite")
+    assert "refusing to delete" in _one_line_error(capsys.readouterr().err)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    _tiny_digits(out)                             # an empty folder is fine
+    (out / "stale.txt").write_text("from the old run")
+    with pytest.raises(SystemExit):               # finished results are not overwritten
+        _tiny_digits(out)
+    capsys.readouterr()
+    results = _tiny_digits(out, "--overwrite")
+    assert not (out / "stale.txt").exists() and (out / "results.json").exists()
+    assert results["config"]["pool_n"] == 80
+
+
+def test_ctrl_c_prints_the_resume_command(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(harness, "shadow_audit", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        digits.main(["--preset", "smoke", "--out", str(out), "--overwrite"])
+    assert info.value.code == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]    # below the arms bar
+    assert last == ("interrupted; to continue, run: python -m experiments.digits --preset "
+                    f"smoke --out {out} --resume")
+
+
+def test_step_progress_follows_the_terminal(monkeypatch):
+    smoke = digits.PRESETS["smoke"]
+    assert smoke.step_progress is None
+    for tty in (True, False):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        assert harness.step_progress(smoke) is tty
+        assert harness.train_config(smoke).progress is tty
+        assert harness.step_progress(dataclasses.replace(smoke, step_progress=not tty)) \
+            is (not tty)
+    assert harness.step_progress(dataclasses.replace(smoke, progress=False)) is False
 
 
 def _image_folder(root: pathlib.Path, per_class: dict[str, int]) -> None:
@@ -104,14 +243,20 @@ def test_cifar_smoke_on_an_image_folder(tmp_path):
     cifar.main(["--preset", "smoke", "--data-dir", str(tmp_path / "data"),
                 "--out", str(out), "--arms", "sgd", "dpsgd:eps=3", "censor:tau=2"])
     results = _check_results(out, ["sgd", "dpsgd eps=3", "gnq-censor tau=2"])
-    assert results["config"]["pool_n"] == 200 and results["config"]["model"] == "smallcnn"
+    config = results["config"]
+    assert config["pool_n"] == 200 and config["model"] == "smallcnn"
+    assert config["widths"] == [8, 16] and not {"hidden", "depth", "width"} & set(config)
     assert "plumbing check" in (out / "table.md").read_text()
 
 
-def test_cifar_without_data_fails_clearly(tmp_path, monkeypatch):
+def test_cifar_without_data_fails_clearly(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="digits"):
+    with pytest.raises(SystemExit) as info:
         cifar.main(["--preset", "smoke", "--out", str(tmp_path / "out")])
+    err = _one_line_error(capsys.readouterr().err)
+    assert info.value.code == 2 and "does not exist" in err
+    assert "--data-dir" in err and "--dataset digits" in err and "load(" not in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("name", ["explore_results.ipynb", "tutorial_gnq_censor.ipynb"])

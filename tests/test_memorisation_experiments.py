@@ -40,7 +40,7 @@ def _tiny_grads(seed=0, batch=6):
 # Helpers.
 
 def test_settings_from_preset_with_overrides():
-    settings, out, _ = harness.parse_command_line(
+    settings, out, *_ = harness.parse_command_line(
         ["--preset", "smoke", "--epochs", "3", "--arms", "sgd", "dpsgd",
          "--hidden", "7", "9", "--progress", "false"], unique_features.EXPERIMENT)
     assert settings.epochs == 3 and settings.arms == ("sgd", "dpsgd")
@@ -53,7 +53,7 @@ def test_settings_from_preset_with_overrides():
                                   ["--preset", "huge"], ["--epochs", "two"],
                                   ["--method", "magic"]])
 def test_settings_refuse_bad_values(argv):
-    with pytest.raises(SystemExit):
+    with pytest.raises(harness.UsageError):
         harness.parse_command_line(argv, curvature.EXPERIMENT)
 
 
@@ -227,11 +227,41 @@ def test_best_unit_psnr_exact_for_one_example_not_for_a_batch():
     (curvature, ["--num-shadow", "2"], "num_shadow"),
     (reconstruction, ["--model", "smallcnn"], "dense first layer"),
     (reconstruction, ["--attack-batch-size", "1"], "attack_batch_size"),
+    (unique_features, ["--batch-size", "500"], "exceeds num_train"),
+    (curvature, ["--batch-size", "60"], "smallest shadow training set"),
+    (unique_features, ["--censor-quantile", "2"], "censor_quantile"),
+    (unique_features, ["--num-train", "5000"], "num_train must be 0 (all) or in"),
 ])
-def test_bad_settings_raise_before_compute(module, argv, match, tmp_path):
-    with pytest.raises(ValueError, match=match):
-        module.main(["--preset", "smoke", "--out", str(tmp_path)] + argv)
-    assert not os.listdir(tmp_path)  # nothing written
+def test_bad_settings_fail_before_compute(module, argv, match, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        module.main(["--preset", "smoke", "--out", str(out)] + argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing written
+
+
+def test_a_folder_in_use_is_refused_and_ctrl_c_says_so(tmp_path, monkeypatch, capsys):
+    """The memorisation experiments cannot resume: they offer --overwrite alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.txt").write_text("an earlier run")
+    with pytest.raises(SystemExit) as info:
+        unique_features.main(["--preset", "smoke", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--overwrite" in err and "--resume" not in err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(harness, "train_arm", interrupted)
+    with pytest.raises(SystemExit) as info:
+        unique_features.main(["--preset", "smoke", "--out", str(out), "--overwrite"])
+    assert info.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        f"interrupted (unique_features cannot resume): what it wrote in {out} is incomplete; "
+        "run it again with --overwrite")
+    assert not (out / "summary.txt").exists() and (out / "run.json").exists()
 
 
 # ----------------------------------------------------------------------------
@@ -255,6 +285,9 @@ def _run(module, name, out, argv=()):
         assert c["verdict"] in VERDICTS and c["claim"] and c["evidence"]
         assert f"[{c['verdict']}] {c['claim']}" in summary
     assert record["settings"]["preset"] == "smoke"
+    # An MLP run records the MLP's settings, not the other models'.
+    assert "hidden" in record["settings"]
+    assert not {"widths", "depth", "width"} & set(record["settings"])
     return record
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from gujax.arms import parse_arm
-from gujax.audit.shadow import (ShadowRecord, ShadowSpec, attack, audit_arm,
-                                load_shadow_record, run_shadow_models)
+from gujax.audit.shadow import (ResumeMismatch, ShadowRecord, ShadowSpec, attack, audit_arm,
+                                check_shadow_run, load_shadow_record, run_shadow_models)
 from gujax.audit.shadow.storage import ShadowStore
 from gujax.data import load, random_subset
 from gujax.models import MLP
@@ -177,6 +177,35 @@ def test_models_trained_together_equal_models_trained_alone(digits, tmp_path, ar
 def test_bad_input(digits, tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _tiny(digits, tmp_path, **kwargs)
+
+
+def test_check_shadow_run_finds_what_a_run_would_refuse(digits, tmp_path):
+    """Before any training, and writing nothing: a batch larger than a model's
+    training set, and a workdir of another run (the setting named)."""
+    train, test = digits
+    args = dict(pool=random_subset(train, 40, 0), population=random_subset(test, 20, 1),
+                model=MLP(hidden=(8,)), num_models=3, seed=0)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="batch_size 30 exceeds the .* smallest shadow"):
+        check_shadow_run(parse_arm("sgd"), config=TrainConfig(batch_size=30),
+                         workdir=str(fresh), **args)
+    check_shadow_run(parse_arm("sgd"), config=TrainConfig(batch_size=8), workdir=str(fresh),
+                     **args)
+    assert not fresh.exists()
+    _tiny(digits, tmp_path)
+    with pytest.raises(ResumeMismatch, match=r"config\.epochs \(saved 1, now 2\)") as info:
+        check_shadow_run(parse_arm("sgd"), config=TrainConfig(epochs=2, batch_size=8),
+                         workdir=str(tmp_path / "sgd"), **args)
+    assert info.value.changes == ["config.epochs (saved 1, now 2)"]
+
+
+def test_step_bar_of_the_group_in_training(digits, tmp_path, capsys):
+    """With ``config.progress`` the trainer's step bar runs for each group, and
+    the models bar names the group."""
+    _tiny(digits, tmp_path, models_at_once=3, progress=True,
+          config=TrainConfig(epochs=1, batch_size=8, progress=True))
+    err = capsys.readouterr().err
+    assert "train x3" in err and "training models 0-2" in err
 
 
 def test_attack_rejects_unrecorded_queries(digits, tmp_path):

@@ -19,10 +19,10 @@ from gujax.audit.metrics import AttackEvaluation
 from gujax.audit.vulnerability import per_example_pair
 
 
-def _axes(ax: Axes | None) -> Axes:
+def _axes(ax: Axes | None, figsize=(4.5, 4.5)) -> Axes:
     if ax is not None:
         return ax
-    return Figure(figsize=(4.5, 4.5), layout="constrained").add_subplot()
+    return Figure(figsize=figsize, layout="constrained").add_subplot()
 
 
 def _curve(value) -> tuple[np.ndarray, np.ndarray]:
@@ -44,17 +44,18 @@ def plot_roc(curves: Mapping, ax: Axes | None = None, path=None, *,
       curves: name -> an (fpr, tpr) pair of arrays, an ``AttackEvaluation``
         (its pooled curve) or ``MembershipScores`` (NaN scores dropped). The
         legend shows each curve's AUC.
-      ax: axes to draw on (default: a new figure).
+      ax: axes to draw on (default: a new figure, wide enough for the legend).
       path: file to save the figure to (PNG, PDF, ... by extension).
 
     Returns:
       The axes. Log axes cannot show FPR = 0 or TPR = 0: the plot starts at
       the smallest positive FPR of the curves (the low-FPR regime is what
-      matters for membership inference).
+      matters for membership inference). The legend sits outside the axes,
+      to their right, so that it covers no curve.
     """
     if not curves:
         raise ValueError("curves is empty")
-    ax = _axes(ax)
+    ax = _axes(ax, figsize=(7.5, 4.5))
     smallest = 1.0
     for name, value in curves.items():
         fpr, tpr = _curve(value)
@@ -73,7 +74,7 @@ def plot_roc(curves: Mapping, ax: Axes | None = None, path=None, *,
     ax.set_ylabel("true-positive rate")
     if title:
         ax.set_title(title)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small")
     if path is not None:
         ax.figure.savefig(path, dpi=150)
     return ax

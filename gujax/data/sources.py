@@ -11,6 +11,10 @@ Sources, chosen by ``load(name, split, data_dir=...)`` in this order:
 4. Otherwise TFDS, with ``data_dir`` as the TFDS data directory (None: the
    TFDS default, ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets). gujax never
    downloads: the dataset must already be prepared in array-record format.
+
+When none of them has the data, ``DataNotFound`` (a ``ValueError``) says what
+the folder holds (empty, an image folder without the split, something else)
+and which layouts are accepted (``accepted_layouts``).
 """
 from __future__ import annotations
 
@@ -50,11 +54,45 @@ class Decoded(NamedTuple):
     class_names: tuple[str, ...]
 
 
-def _alternatives() -> str:
-    return ("Alternatives that need no download: a local image folder, "
-            "load(name, split, data_dir=ROOT) with ROOT/<split>/<class>/<image>.png|jpg; "
-            "the CIFAR 'python version' batch files, load('cifar10', split, "
-            "data_dir=DIR_WITH_data_batch_1); or the embedded load('digits', split).")
+def accepted_layouts(name: str, *, data_dir: str = "data_dir",
+                     digits: str = "load('digits', split)") -> str:
+    """What a data folder may hold, and the data that needs none. ``data_dir``
+    and ``digits`` name the folder argument and the embedded dataset in the
+    caller's terms (a command line says ``--data-dir`` and ``--dataset digits``)."""
+    tfds_name = name if name in TFDS_NAMES else "cifar10"
+    return (f"A {data_dir} may hold an image folder DIR/<split>/<class>/<image>.png|jpg "
+            "(DIR/train/..., DIR/test/...), the CIFAR 'python version' batches "
+            "(cifar10: data_batch_1..5, test_batch, batches.meta; cifar100: train, test, meta) "
+            f"or a TFDS data dir (DIR/{tfds_name}/<version>/, prepared in array-record format "
+            f"on a machine with network, e.g. `tfds build {tfds_name} "
+            "--file_format=array_record`: gujax never downloads); "
+            f"or use the embedded {digits}, which needs no files.")
+
+
+class DataNotFound(ValueError):
+    """``load`` found no data where it looked. ``problem`` says where it looked
+    and what it found there; the message adds ``accepted_layouts(name)``."""
+
+    def __init__(self, problem: str, name: str):
+        self.problem, self.name = problem, name
+        super().__init__(f"{problem} {accepted_layouts(name)}")
+
+
+def _describe_folder(root: pathlib.Path, name: str, split: str) -> str | None:
+    """Why ``root`` is not a data folder for (name, split), or None if it may
+    be a TFDS data dir (it holds ``<name>/``)."""
+    entries = sorted(p.name for p in root.iterdir())
+    if not entries:
+        return f"data folder {root} is empty."
+    if (root / name).is_dir():
+        return None
+    splits = [e for e in entries if (root / e).is_dir() and e in ("train", "test", "validation")]
+    if splits:
+        return (f"data folder {root} looks like an image folder but has no {split}/ folder "
+                f"(it has {', '.join(e + '/' for e in splits)}).")
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    return (f"data folder {root} holds none of the accepted layouts for {name!r} split "
+            f"{split!r} (it has {shown}).")
 
 
 # ----------------------------------------------------------------------------- digits
@@ -217,19 +255,23 @@ def read_cifar_python(root: pathlib.Path, name: str, split: str) -> Decoded:
 # ----------------------------------------------------------------------------- TFDS
 
 def open_tfds(name: str, split: str, data_dir: pathlib.Path | None):
-    """``tfds.data_source`` without download; a ValueError with alternatives if it is unavailable."""
+    """``tfds.data_source`` without download; ``DataNotFound`` if it is unavailable."""
     import tensorflow_datasets as tfds  # deferred: importing TFDS takes seconds
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as err:  # TFDS reports an unprepared dataset in many ways
         where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-        raise ValueError(
-            f"TFDS dataset {name!r} split {split!r} is not available offline in {where} "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). gujax never "
-            "downloads; prepare it in array-record format on a machine with network, e.g. "
-            f"`tfds build {name} --file_format=array_record`, and pass its data_dir. "
-            + _alternatives()) from None
+        # TFDS's own words for a folder without the dataset (e.g. "Random access
+        # data source for file format FileFormat.TFRECORD is not supported")
+        # only confuse; say what the folder holds instead.
+        folder = pathlib.Path(where).expanduser()
+        found = (_describe_folder(folder, name, split) if folder.is_dir()
+                 else f"data folder {folder} does not exist.")
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise DataNotFound(
+            f"TFDS dataset {name!r} split {split!r} is not available offline in {where}: "
+            + (found or f"{type(err).__name__}: {reason}."), name) from None
 
 
 def tfds_files(source) -> list[pathlib.Path]:
@@ -307,7 +349,7 @@ def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
     cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir else cache.default_cache_dir()
     root = pathlib.Path(data_dir).expanduser().resolve() if data_dir is not None else None
     if root is not None and not root.is_dir():
-        raise ValueError(f"data_dir {data_dir} is not a directory. " + _alternatives())
+        raise DataNotFound(f"data folder {data_dir} is not a directory.", name)
 
     if root is not None and (root / split).is_dir():
         folder = list_image_folder(root, split)
@@ -324,9 +366,10 @@ def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
                         name, split)
 
     if name not in TFDS_NAMES:
-        found = f"data_dir {root} has no {split}/ folder" if root else "no data_dir was given"
-        raise ValueError(f"unknown dataset {name!r} ({found}). TFDS names: {', '.join(TFDS_NAMES)}. "
-                         + _alternatives())
+        found = (_describe_folder(root, name, split) or f"data folder {root} has no {split}/ "
+                 "folder.") if root else "no data folder was given."
+        raise DataNotFound(f"unknown dataset {name!r}: {found} TFDS names: "
+                           f"{', '.join(TFDS_NAMES)}.", name)
     source = open_tfds(name, split, root)
     prepared = tfds_files(source)
     if not prepared:  # nothing on disk to fingerprint (e.g. tfds.testing.mock_data): no cache

@@ -18,7 +18,9 @@ or ``audit_arm(...)`` for both. The work is split in three modules:
 with the shared types (``ShadowSpec``, ``ShadowModel``, ``ShadowRecord``)
 in ``gujax.audit.shadow.record``. A killed run called again continues with
 the first unfinished group (from its last checkpoint, if it is the same
-group); finished models are read back, never retrained.
+group); finished models are read back, never retrained. ``check_shadow_run``
+finds what a run would refuse (bad input, a workdir of another run) before
+anything is trained or written.
 """
 from __future__ import annotations
 
@@ -29,13 +31,31 @@ from gujax.arms import Arm
 from gujax.audit.shadow.attacks import ShadowAudit, attack, mean_over_members
 from gujax.audit.shadow.record import (AUGMENTATIONS, ShadowModel, ShadowRecord,
                                        ShadowSpec)
-from gujax.audit.shadow.storage import ShadowStore, identity, load_shadow_record
-from gujax.audit.shadow.training import ShadowTrainer
+from gujax.audit.shadow.storage import (ResumeMismatch, ShadowStore, check_resume, identity,
+                                        load_shadow_record)
+from gujax.audit.shadow.training import ShadowTrainer, check_run
 from gujax.data.dataset import Dataset
 
-__all__ = ["AUGMENTATIONS", "ShadowAudit", "ShadowModel", "ShadowRecord", "ShadowSpec",
-           "attack", "audit_arm", "load_shadow_record", "mean_over_members",
-           "run_shadow_models"]
+__all__ = ["AUGMENTATIONS", "ResumeMismatch", "ShadowAudit", "ShadowModel", "ShadowRecord",
+           "ShadowSpec", "attack", "audit_arm", "check_shadow_run", "load_shadow_record",
+           "mean_over_members", "run_shadow_models"]
+
+
+def check_shadow_run(arm: Arm | ShadowSpec, *, pool: Dataset, population: Dataset,
+                     workdir: str | None = None, resume: bool = True, **spec_fields) -> None:
+    """What ``run_shadow_models`` with these arguments would refuse, found
+    before any training and without writing anything: a bad spec, pool or
+    population (``ValueError``), a batch larger than a model's training set,
+    or (with ``resume`` and a ``workdir``) a workdir holding another run's
+    models (``ResumeMismatch``, naming the settings that differ)."""
+    spec = ShadowSpec.of(arm, **spec_fields)
+    check_run(spec, pool, population)
+    if resume and workdir is not None:
+        check_resume(workdir, identity(spec, pool, population))
+
+
+def _models(group) -> str:
+    return f"model {group[0]}" if len(group) == 1 else f"models {group[0]}-{group[-1]}"
 
 
 def run_shadow_models(arm: Arm | ShadowSpec, *, pool: Dataset, population: Dataset,
@@ -65,7 +85,9 @@ def run_shadow_models(arm: Arm | ShadowSpec, *, pool: Dataset, population: Datas
         MLPs train about 2x faster 6 at a time on 2 CPU cores
         (``python -m experiments.stacked``); a killed run resumes group by
         group.
-      progress: show a bar over the models.
+      progress: show a bar over the models, naming the group in training
+        (the trainer's own bar over that group's steps is
+        ``config.progress``).
 
     Returns:
       ``ShadowRecord``: the models trained by this call as they are in
@@ -82,6 +104,7 @@ def run_shadow_models(arm: Arm | ShadowSpec, *, pool: Dataset, population: Datas
               initial=len(done), total=spec.num_models) as bar:
         for i in range(0, len(todo), models_at_once):
             group = todo[i:i + models_at_once]
+            bar.set_postfix_str(f"training {_models(group)}")
             with store.training(group) as checkpoint_dir:
                 models = trainer.train(group,
                                        checkpoint_dir=checkpoint_dir if checkpoints else None)
@@ -89,6 +112,7 @@ def run_shadow_models(arm: Arm | ShadowSpec, *, pool: Dataset, population: Datas
                     store.save(m, model)
             trained.update(zip(group, models))
             bar.update(len(group))
+        bar.set_postfix_str("")
     return store.record(trained, pool=pool, population=population, in_mask=trainer.in_mask)
 
 

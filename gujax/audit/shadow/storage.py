@@ -10,8 +10,9 @@ Layout of a workdir (files written atomically; a model's ``.npz`` is its
     workdir/training_{first:03d}-{last:03d}/   the trainer's checkpoints while a
                                   group of models trains (removed when it is done)
 
-``ShadowStore.open`` checks that a workdir holds models of the same run (the
-error names the settings that changed) or clears it; finished models are
+``ShadowStore.open`` checks that a workdir holds models of the same run
+(``check_resume``: a ``ResumeMismatch`` names the settings that changed) or
+clears it; finished models are
 read back, never retrained.
 """
 from __future__ import annotations
@@ -72,6 +73,29 @@ def _differences(saved, current, path: str = "") -> list[str]:
     return [f"{path} (saved {_short(saved)}, now {_short(current)})"]
 
 
+class ResumeMismatch(ValueError):
+    """A workdir holds shadow models of another run: ``changes`` lists each
+    setting that differs as 'setting (saved X, now Y)'."""
+
+    def __init__(self, workdir: str, changes: Sequence[str]):
+        self.workdir, self.changes = workdir, list(changes)
+        super().__init__(f"{workdir} holds shadow models of a different run; it differs in "
+                         f"{', '.join(self.changes)}; use another workdir or resume=False")
+
+
+def check_resume(workdir: str, identity: dict) -> None:
+    """``ResumeMismatch`` if ``workdir`` holds the models of a run other than
+    ``identity``; nothing to check (and nothing created) if it holds none."""
+    manifest = os.path.join(workdir, MANIFEST)
+    if not os.path.exists(manifest):
+        return
+    with open(manifest) as f:
+        saved = json.load(f)
+    changed = _differences(saved, identity)
+    if changed:
+        raise ResumeMismatch(workdir, changed)
+
+
 def _save_atomic(path: str, mode: str, write: Callable) -> None:
     tmp = path + ".tmp"
     with open(tmp, mode) as f:
@@ -92,20 +116,14 @@ class ShadowStore:
         """Create ``workdir`` or take it over for the run ``identity``.
 
         resume: keep the finished models (a ``shadow.json`` of another run is
-          a ValueError naming the settings that differ); False deletes the
-          models and checkpoints of the run it holds first.
+          a ``ResumeMismatch`` naming the settings that differ); False deletes
+          the models and checkpoints of the run it holds first.
         """
-        os.makedirs(workdir, exist_ok=True)
         manifest = os.path.join(workdir, MANIFEST)
-        if os.path.exists(manifest) and resume:
-            with open(manifest) as f:
-                saved = json.load(f)
-            changed = _differences(saved, identity)
-            if changed:
-                raise ValueError(f"{workdir} holds shadow models of a different run; it "
-                                 f"differs in {', '.join(changed)}; use another workdir "
-                                 f"or resume=False")
-        elif os.path.exists(manifest):
+        if resume:
+            check_resume(workdir, identity)
+        os.makedirs(workdir, exist_ok=True)
+        if os.path.exists(manifest) and not resume:
             for name in os.listdir(workdir):
                 if name.startswith(("model_", "training_")):
                     path = os.path.join(workdir, name)

@@ -43,6 +43,19 @@ def membership(spec: ShadowSpec, pool: Dataset) -> np.ndarray:
     return shadow_membership(len(pool), spec.num_models, spec.seed, balanced=False)
 
 
+def check_run(spec: ShadowSpec, pool: Dataset, population: Dataset) -> np.ndarray:
+    """``check_data``, and every model's training set (about half the pool)
+    holds at least a batch; returns the membership masks."""
+    check_data(pool, population)
+    in_mask = membership(spec, pool)
+    smallest = int(in_mask.sum(1).min())
+    if spec.config.batch_size > smallest:
+        raise ValueError(f"batch_size {spec.config.batch_size} exceeds the {smallest} examples "
+                         f"of the smallest shadow training set (each model trains on a random "
+                         f"half of the {len(pool)}-example pool)")
+    return in_mask
+
+
 def _query_fn(model, augmentations):
     """Jitted logits (B, A, C) of a uint8 batch under each augmentation."""
     @jax.jit
@@ -90,15 +103,15 @@ def _fit_group(spec: ShadowSpec, runs: Sequence[_Run], *, pool: Dataset,
     share state shapes and (with a persistent compilation cache) one compiled
     step. The models differ only in what lives in their state (init, DP-SGD's
     sigma and noise key) and data, so the first model's stage serves them
-    all. The trainer's own step bar stays off.
+    all. The trainer shows its step bar when ``spec.config.progress``.
     """
     loss_fn = softmax_cross_entropy(spec.model)
-    quiet = dataclasses.replace(spec.config, progress=False)
+    config = spec.config
     pipelines = [build_pipeline(spec.arm, loss_fn=loss_fn, train_size=len(r.rows),
-                                batch_size=quiet.batch_size, epochs=quiet.epochs, seed=r.seed,
+                                batch_size=config.batch_size, epochs=config.epochs, seed=r.seed,
                                 num_examples=len(pool), method=spec.method) for r in runs]
-    configs = [dataclasses.replace(quiet, seed=r.seed, sampling=p.sampling,
-                                   learning_rate=spec.arm.learning_rate or quiet.learning_rate)
+    configs = [dataclasses.replace(config, seed=r.seed, sampling=p.sampling,
+                                   learning_rate=spec.arm.learning_rate or config.learning_rate)
                for r, p in zip(runs, pipelines)]
     first = pipelines[0]
     start = time.perf_counter()
@@ -130,9 +143,8 @@ class ShadowTrainer:
     queries them on the pool and the population."""
 
     def __init__(self, spec: ShadowSpec, *, pool: Dataset, population: Dataset):
-        check_data(pool, population)
+        self.in_mask = check_run(spec, pool, population)
         self.spec, self.pool, self.population = spec, pool, population
-        self.in_mask = membership(spec, pool)
         # One jitted query for the whole run: every group reuses its compilation.
         self._query = _query_fn(spec.model, spec.augmentations)
 
