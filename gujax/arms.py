@@ -27,7 +27,7 @@ import math
 from typing import Any, Callable, NamedTuple
 
 from gujax.engine import ENGINES, Stage, make_engine, make_stage
-from gujax.policies import (Ledger, censor_policy, clip_policy, dpsgd_policy, gnq_ledger,
+from gujax.policies import (NOISE_PRNGS, Ledger, censor_policy, clip_policy, dpsgd_policy, gnq_ledger,
                             monitor_policy)
 from gujax.privacy import calibrate_noise_multiplier, dp_epsilon
 
@@ -45,6 +45,7 @@ class Arm:
     epsilon, delta: DP-SGD's target; clip_norm: its C (gradient L2 units).
     budget: censor's tau, nats per example over training.
     max_step: clip's cap on one step's disclosure, nats.
+    prng: DP-SGD's noise key implementation (``gujax.policies.NOISE_PRNGS``).
     learning_rate: overrides the run's learning rate for this arm (None: keep).
     """
     kind: str
@@ -56,6 +57,7 @@ class Arm:
     budget: float | None = None
     max_step: float | None = None
     learning_rate: float | None = None
+    prng: str = "threefry2x32"
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -67,6 +69,8 @@ class Arm:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"arm {name} must be a finite number > 0, got {value!r}")
+        if self.prng not in NOISE_PRNGS:
+            raise ValueError(f"arm prng must be one of {NOISE_PRNGS}, got {self.prng!r}")
         if not 0 < self.delta < 1:
             raise ValueError(f"arm delta must be in (0, 1), got {self.delta!r}")
 
@@ -80,6 +84,8 @@ class Arm:
             label += f" reg={self.reg:g}"
         if self.learning_rate is not None:
             label += f" lr={self.learning_rate:g}"
+        if self.prng != "threefry2x32":
+            label += f" prng={self.prng}"
         return label
 
     @property
@@ -100,7 +106,7 @@ class Arm:
 _FIELD_TYPES = {"reg": float, "relative": lambda v: v.lower() in ("1", "true", "yes"),
                 "epsilon": float, "eps": float, "delta": float, "clip_norm": float,
                 "budget": float, "tau": float, "max_step": float, "lr": float,
-                "learning_rate": float}
+                "learning_rate": float, "prng": str}
 _ALIASES = {"eps": "epsilon", "tau": "budget", "lr": "learning_rate"}
 
 
@@ -179,7 +185,7 @@ def build_pipeline(arm: Arm, *, loss_fn: Callable, train_size: int, batch_size: 
         sigma, eps = dp_calibration(arm.epsilon, arm.delta, rate, steps)
         policy = dpsgd_policy(l2_norm_clip=arm.clip_norm, noise_multiplier=sigma,
                               expected_batch_size=batch_size, seed=seed,
-                              num_examples=num_examples)
+                              num_examples=num_examples, prng=arm.prng)
     else:
         common = dict(num_examples=num_examples, reg=arm.reg, relative=arm.relative)
         policy = {

@@ -44,7 +44,7 @@ def _check(l2_norm_clip, expected_batch_size, noise_multiplier, *, ledger: bool)
 
 
 def dpsgd_aggregate(*, l2_norm_clip: float, noise_multiplier: float,
-                    expected_batch_size: float, seed: int
+                    expected_batch_size: float, seed: int, prng: str = "threefry2x32"
                     ) -> optax.GradientTransformationExtraArgs:
     """DP-SGD's private aggregation of per-example gradients.
 
@@ -56,6 +56,8 @@ def dpsgd_aggregate(*, l2_norm_clip: float, noise_multiplier: float,
       seed: seeds the noise; the key lives in the state
         (``DifferentiallyPrivateAggregateState``), so a restored state
         continues the same noise stream.
+      prng: the noise key's implementation (``gujax.policies.NOISE_PRNGS``;
+        see ``dpsgd_policy``): another stream, the same distribution.
 
     update(per_example_grads, state, params=None, *, mask=None, **ignored):
       per_example_grads: leaves (B, *param.shape), B the padded batch size.
@@ -65,12 +67,13 @@ def dpsgd_aggregate(*, l2_norm_clip: float, noise_multiplier: float,
     _check(l2_norm_clip, expected_batch_size, noise_multiplier, ledger=False)
     return policy_transformation(dpsgd_policy(
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size, seed=seed))
+        expected_batch_size=expected_batch_size, seed=seed, prng=prng))
 
 
 def dpsgd_monitor(*, l2_norm_clip: float, noise_multiplier: float,
                   expected_batch_size: float, seed: int, num_examples: int,
-                  dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+                  dtype: Any = None, prng: str = "threefry2x32"
+                  ) -> optax.GradientTransformationExtraArgs:
     """DP-SGD aggregation with a per-example GNQ disclosure ledger.
 
     The update is DP-SGD's, as ``dpsgd_aggregate`` (the same noise stream for
@@ -87,6 +90,7 @@ def dpsgd_monitor(*, l2_norm_clip: float, noise_multiplier: float,
       ledger's floor), plus
       num_examples: size of the ledger (example ids lie in [0, num_examples)).
       dtype: dtype of the Gram matrix and solve (``jnp.float64`` with x64).
+      prng: the noise key's implementation, as ``dpsgd_aggregate``.
 
     update(per_example_grads, state, params=None, *, example_ids, mask=None):
       per_example_grads: leaves (B, *param.shape); example_ids (B,) int;
@@ -95,5 +99,5 @@ def dpsgd_monitor(*, l2_norm_clip: float, noise_multiplier: float,
     _check(l2_norm_clip, expected_batch_size, noise_multiplier, ledger=True)
     return policy_transformation(dpsgd_policy(
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size, seed=seed, num_examples=num_examples),
-        dtype=dtype)
+        expected_batch_size=expected_batch_size, seed=seed, num_examples=num_examples,
+        prng=prng), dtype=dtype)

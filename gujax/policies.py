@@ -497,8 +497,15 @@ def _charge_clipped(gram, c, finite, example_ids, mask, state: DpsgdMonitorState
     return ledger
 
 
+# Key implementations the DP-SGD noise can be drawn with (``jax.random.key(...,
+# impl=)``). They give different noise streams for the same seed, and the same
+# distribution. Measured on the 2-core CPU (670k normals): threefry2x32 4.3 ms,
+# rbg and unsafe_rbg 22 ms; on GPUs and TPUs the rbg generators are the fast ones.
+NOISE_PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
 def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: int = 0,
-                 num_examples: int | None = None) -> Policy:
+                 num_examples: int | None = None, prng: str = "threefry2x32") -> Policy:
     """DP-SGD: per-example L2 clipping to C, Gaussian noise N(0, sigma^2 C^2 I)
     on the clipped sum, division by the expected batch size.
 
@@ -521,7 +528,13 @@ def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: i
         are checked; traced ones are trusted.
       seed: seeds the noise key kept in the state.
       num_examples: size of the ledger, or None for no ledger.
+      prng: the key implementation of the noise, one of ``NOISE_PRNGS``
+        (JAX's default threefry2x32; "rbg"/"unsafe_rbg" are faster on
+        accelerators, slower on CPU). Another implementation gives another
+        noise stream for the same seed, with the same distribution
+        N(0, sigma^2 C^2) per coordinate (tests/test_privacy.py).
     """
+    checks.one_of(prng, NOISE_PRNGS, "prng")
     checks.positive_finite_or_traced(l2_norm_clip, "l2_norm_clip")
     checks.positive_finite_or_traced(expected_batch_size, "expected_batch_size")
     with_ledger = num_examples is not None
@@ -547,7 +560,7 @@ def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: i
 
     if with_ledger:
         def init():
-            return DpsgdMonitorState(_init_state(num_examples), jax.random.key(seed),
+            return DpsgdMonitorState(_init_state(num_examples), jax.random.key(seed, impl=prng),
                                      jnp.asarray(noise_multiplier, jnp.float32))
 
         def finish(clipped_sum, state):
@@ -556,7 +569,7 @@ def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: i
             return update, state._replace(key=key)
     else:
         def init():
-            return DifferentiallyPrivateAggregateState(rng_key=jax.random.key(seed))
+            return DifferentiallyPrivateAggregateState(rng_key=jax.random.key(seed, impl=prng))
 
         def finish(clipped_sum, state):
             update, key = _noised(clipped_sum, state.rng_key, noise_multiplier * l2_norm_clip,

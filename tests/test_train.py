@@ -83,10 +83,12 @@ def arms(num_examples=N):
         "censor": (gnq_censor(budget=1.5, num_examples=num_examples, reg=0.1), "shuffle"),
         "dpsgd": (dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0,
                                   expected_batch_size=12, seed=5), "poisson"),
+        "dpsgd-rbg": (dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0,
+                                      expected_batch_size=12, seed=5, prng="rbg"), "poisson"),
     }
 
 
-@pytest.mark.parametrize("arm", ["censor", "dpsgd"])
+@pytest.mark.parametrize("arm", ["censor", "dpsgd", "dpsgd-rbg"])
 def test_same_seed_same_result_and_killed_run_resumes_identically(setup, arm, tmp_path,
                                                                   metric_records):
     model, params, data = setup
