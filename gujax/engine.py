@@ -36,7 +36,7 @@ import optax
 
 from gujax.ghost.capture import capture
 from gujax.ghost.kernels import tape_gram, tape_sq_norms, tape_weighted_grad
-from gujax.grads import batch_size, gram as gram_matrix, per_example_grads
+from gujax.grads import batch_size, gram as gram_matrix, per_example_losses_and_grads
 from gujax.policies import Policy
 
 PyTree = Any
@@ -113,8 +113,8 @@ def _with_reference(per_example: PyTree, reference: PyTree) -> PyTree:
 def explicit_engine(loss_fn: LossFn, *, chunk_size: int | None = None) -> Engine:
     """vmap(grad) per-example gradients (``gujax.per_example_grads``)."""
     def run(params, examples):
-        grads = per_example_grads(loss_fn, params, examples, chunk_size=chunk_size)
-        losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, examples)
+        losses, grads = per_example_losses_and_grads(loss_fn, params, examples,
+                                                     chunk_size=chunk_size)
         return gradients_pass(grads, losses)
     return Engine("explicit", run)
 
@@ -183,11 +183,10 @@ def policy_step(grad_pass: GradientPass, policy: Policy, state, *, example_ids, 
                 gram: jax.Array | None = None, dtype: Any = None):
     """One policy decision on an engine's pass: (update, new state, weights).
 
-    The Gram matrix is computed only if not given, and only its diagonal when
-    the policy reads nothing else."""
+    The Gram matrix is computed only if not given, and only its diagonal (the
+    (B,) squared norms) when the policy reads nothing else."""
     if gram is None:
-        gram = (grad_pass.gram(dtype) if policy.cross_terms
-                else jnp.diag(grad_pass.sq_norms()))
+        gram = grad_pass.gram(dtype) if policy.cross_terms else grad_pass.sq_norms()
     weights, state = policy.weights(gram, example_ids, mask, state)
     update, state = policy.finish(grad_pass.weighted_sum(weights), state)
     return update, state, weights
@@ -214,10 +213,9 @@ def per_example_stage(loss_fn: LossFn, aggregator: optax.GradientTransformationE
     explicit engine's gradients, then ``aggregator.update(grads, state, params,
     example_ids=, mask=)``. Its state is ``aggregator.init(params)``."""
     def apply(params, batch, state):
-        examples = examples_of(batch)
-        grads = per_example_grads(loss_fn, params, examples, chunk_size=chunk_size)
+        losses, grads = per_example_losses_and_grads(loss_fn, params, examples_of(batch),
+                                                     chunk_size=chunk_size)
         update, state = aggregator.update(grads, state, params, example_ids=batch.get("id"),
                                           mask=batch.get("mask"))
-        losses = jax.vmap(loss_fn, in_axes=(None, 0))(params, examples)
         return update, state, step_metrics(losses, batch.get("mask"), state)
     return Stage(aggregator.init, apply)

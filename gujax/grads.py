@@ -65,13 +65,23 @@ def per_example_grads(
       A pytree with the structure of ``params`` whose leaves have shape
       ``(B, *param.shape)``: leaf ``[i]`` is d loss_fn(params, batch[i]) / d params.
     """
+    return _per_example(jax.grad(loss_fn), params, batch, chunk_size)
+
+
+def per_example_losses_and_grads(loss_fn, params: PyTree, batch: PyTree, *,
+                                 chunk_size: int | None = None) -> tuple[jax.Array, PyTree]:
+    """((B,) per-example losses, per-example gradients) from one forward and
+    backward pass per example; as ``per_example_grads`` otherwise."""
+    return _per_example(jax.value_and_grad(loss_fn), params, batch, chunk_size)
+
+
+def _per_example(fn, params, batch, chunk_size):
     n = batch_size(batch)
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    grad_fn = jax.grad(loss_fn)
     if chunk_size is None or chunk_size >= n:
-        return jax.vmap(grad_fn, in_axes=(None, 0))(params, batch)
-    return jax.lax.map(lambda ex: grad_fn(params, ex), batch, batch_size=int(chunk_size))
+        return jax.vmap(fn, in_axes=(None, 0))(params, batch)
+    return jax.lax.map(lambda ex: fn(params, ex), batch, batch_size=int(chunk_size))
 
 
 def finite_rows(per_example: PyTree) -> jax.Array:

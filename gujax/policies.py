@@ -10,8 +10,9 @@ finishes it into the update (DP-SGD adds its noise there):
     update, state = policy.finish(engine_pass.weighted_sum(weights), state)
 
 ``Policy.cross_terms`` says whether the policy reads K's off-diagonal
-entries; when it does not (plain DP-SGD needs only the squared norms on the
-diagonal) the engine passes ``diag(||g_j||^2)`` and skips the B x B cross terms.
+entries; when it does not (plain DP-SGD and the mean need only the squared
+norms) the engine passes the (B,) squared norms ||g_j||^2 instead of K and
+never forms the B x B cross terms.
 
 The GNQ policies (``monitor_policy``, ``censor_policy``, ``clip_policy``)
 keep a per-example disclosure ledger (``GnqState``); DP-SGD (``dpsgd_policy``)
@@ -148,7 +149,8 @@ class Policy(NamedTuple):
     finish(weighted_sum, state) -> (update, state): the update from
       sum_j weights_j g_j (identity for the GNQ policies, noise for DP-SGD).
     init() -> state.
-    cross_terms: False when only the diagonal of ``gram`` is read.
+    cross_terms: False when only the diagonal of ``gram`` is read; such a
+      policy also takes the (B,) diagonal itself in place of ``gram``.
     num_examples: the ledger's size (ids lie in [0, num_examples)), or None
       for a policy that keeps no per-example state (ids then optional).
     """
@@ -161,6 +163,12 @@ class Policy(NamedTuple):
 
 def _unchanged(weighted_sum, state):
     return weighted_sum, state
+
+
+def _squared_norms(gram) -> jax.Array:
+    """(B,) squared norms from a Gram matrix or from the norms themselves."""
+    gram = jnp.asarray(gram)
+    return gram if gram.ndim == 1 else jnp.diagonal(gram)
 
 
 def disclosure_quantiles(ledger: Ledger, levels=DISCLOSURE_QUANTILES) -> jax.Array:
@@ -442,7 +450,7 @@ def mean_policy() -> Policy:
     """Plain SGD's mean gradient over the real rows, with no state; a row whose
     gradient is not finite is left out (the denominator still counts it)."""
     def weights(gram, example_ids, mask, state):
-        diag = jnp.diagonal(gram)
+        diag = _squared_norms(gram)
         real = checks.mask(mask, diag.shape[0])
         return _mean_weights(jnp.isfinite(diag).astype(jnp.float32), real), state
     return Policy(lambda: (), weights, _unchanged, cross_terms=False)
@@ -544,10 +552,8 @@ def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: i
         num_examples = checks.positive_int(num_examples, "num_examples")
 
     def weights(gram, example_ids, mask, state):
-        gram = jnp.asarray(gram)
-        b = gram.shape[0]
-        mask = checks.mask(mask, b)
-        sq = jnp.diagonal(gram)
+        sq = _squared_norms(gram)
+        mask = checks.mask(mask, sq.shape[0])
         # A NaN/Inf anywhere in g_j shows on its squared norm.
         finite = jnp.isfinite(sq)
         keep = finite & mask

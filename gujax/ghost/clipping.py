@@ -45,7 +45,7 @@ def _clip(loss_fn, params, batch, policy, state, mask):
     checks.mask(mask, batch_size(batch))
     tape = capture(loss_fn, params, batch)
     sq = tape_sq_norms(tape)
-    weights, state = policy.weights(jnp.diag(sq), None, mask, state)
+    weights, state = policy.weights(sq, None, mask, state)
     return tape_weighted_grad(tape, params, weights), state, ClipInfo(
         jnp.sqrt(sq), weights, tape.losses)
 
