@@ -73,7 +73,8 @@ from gujax.arms import KINDS, METHODS, Arm, build_pipeline, ledger, parse_arm
 from gujax.audit.shadow import ResumeMismatch, audit_arm, check_shadow_run
 from gujax.data import Dataset, default_cache_dir, load, random_crop_flip, random_subset
 from gujax.data.sources import DataNotFound, accepted_layouts
-from gujax.models import MLP, SmallCNN, WideResNet
+from gujax.features import moment_norms, private_standardizer, scattering_features
+from gujax.models import MLP, ScatterCNN, ScatterLinear, SmallCNN, WideResNet
 from gujax.train import TrainConfig, softmax_cross_entropy, train_stacked
 
 
@@ -125,9 +126,19 @@ MODELS: dict[str, Callable[[Any, int], Any]] = {
                                       groups=min(8, *s.widths)),
     # WRN-depth-width with GroupNorm.
     "wrn": lambda s, k: WideResNet(depth=s.depth, width=s.width, num_classes=k),
+    # Tramer & Boneh's models on ScatterNet features (--features scattering):
+    # GroupNorm(27) in the model, or none after --normalisation private.
+    "scatter_linear": lambda s, k: ScatterLinear(num_classes=k, groups=_groups(s)),
+    "scatter_cnn": lambda s, k: ScatterCNN(num_classes=k, groups=_groups(s)),
 }
 # The settings each model reads (the others are not recorded for its runs).
-MODEL_FIELDS = {"mlp": ("hidden",), "smallcnn": ("widths",), "wrn": ("depth", "width")}
+MODEL_FIELDS = {"mlp": ("hidden",), "smallcnn": ("widths",), "wrn": ("depth", "width"),
+                "scatter_linear": (), "scatter_cnn": ()}
+SCATTER_MODELS = ("scatter_linear", "scatter_cnn")
+
+
+def _groups(settings) -> int | None:
+    return 27 if settings.normalisation == "group" else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +153,9 @@ class Settings:
                                         "batches or a TFDS data dir (none: TFDS's default, "
                                         "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
     model: str = option("mlp", "the classifier: mlp (an MLP; uses --hidden), smallcnn (a "
-                               "small CNN; --widths) or wrn (WideResNet; --depth, --width)",
+                               "small CNN; --widths), wrn (WideResNet; --depth, --width), "
+                               "scatter_linear or scatter_cnn (Tramer & Boneh's models on "
+                               "--features scattering)",
                         choices=tuple(MODELS))
     hidden: tuple[int, ...] = option((64,), "the MLP's hidden layer widths (--model mlp)")
     widths: tuple[int, ...] = option((16, 32), "SmallCNN's channel widths, one per stage "
@@ -157,6 +170,17 @@ class Settings:
     momentum: float = option(0.0, "SGD momentum, in [0, 1)")
     augment: bool = option(False, "random crop and flip of the training images, inside the "
                                   "training step")
+    features: str = option("pixels", "model inputs: pixels, or scattering (ScatterNet, J = 2, "
+                                     "L = 8, of the ImageNet-normalised images; computed once "
+                                     "per split and cached; for the scatter_* models)",
+                           choices=("pixels", "scattering"))
+    normalisation: str = option(
+        "group", "scattering features' normalisation: group (GroupNorm in the model, free) "
+                 "or private (per-channel mean and variance of the training set with DP, "
+                 "composed into every dpsgd arm's epsilon; Tramer & Boneh's best setting)",
+        choices=("group", "private"))
+    normalisation_noise: float = option(
+        8.0, "noise multiplier of the two Gaussian mechanisms of --normalisation private")
     seed: int = option(0, "seeds the data subsets, initialisations, batches and noise (>= 0)")
     method: str = option("ghost", "gradient engine: ghost (gujax.ghost, no per-example "
                                   "gradients materialised) or explicit (vmap(grad)); the same "
@@ -183,7 +207,9 @@ class Settings:
         """What an arm of ``kind`` takes from these settings unless its text
         sets it (``parse_arm`` defaults)."""
         if kind == "dpsgd":
-            return {"delta": self.delta, "clip_norm": self.clip_norm}
+            releases = ((self.normalisation_noise,) * 2
+                        if self.normalisation == "private" else ())
+            return {"delta": self.delta, "clip_norm": self.clip_norm, "releases": releases}
         return {"reg": self.reg}
 
     def check(self) -> None:
@@ -207,6 +233,15 @@ class Settings:
         if self.model == "wrn" and ((self.depth - 4) % 6 or self.depth < 10):
             raise ValueError(f"depth must be 6 n + 4 with n >= 1 (10, 16, 22, 28, ...), "
                              f"got {self.depth}")
+        scatter = self.model in SCATTER_MODELS
+        if scatter != (self.features == "scattering"):
+            raise ValueError(f"--model {self.model} takes "
+                             f"{'--features scattering' if scatter else 'pixels'}; the "
+                             f"scatter_* models are the ones for scattering features")
+        if self.normalisation == "private":
+            if not scatter:
+                raise ValueError("--normalisation private applies to scattering features")
+            checks.positive_finite(self.normalisation_noise, "normalisation_noise")
         if self.dataset == "digits" and self.data_dir is not None:
             raise ValueError("--data-dir does not apply to --dataset digits (embedded in "
                              "scikit-learn)")
@@ -558,11 +593,28 @@ def load_data(settings: Settings, pool_size: int, population_size: int, *,
     """(pool, population): random subsets (original order and ids kept) of
     ``settings.dataset``'s train split (``pool_size`` examples, seeded by
     ``settings.seed``) and test split (``population_size``, seed + 1); a size
-    of 0 takes the whole split. ``names`` name the sizes in errors."""
+    of 0 takes the whole split. ``names`` name the sizes in errors. With
+    ``--features scattering`` the images are ScatterNet features, and with
+    ``--normalisation private`` standardised with the pool's private
+    statistics."""
     train_set = load(settings.dataset, "train", data_dir=settings.data_dir)
     test_set = load(settings.dataset, "test", data_dir=settings.data_dir)
-    return (_take(train_set, pool_size, settings.seed, names[0]),
-            _take(test_set, population_size, settings.seed + 1, names[1]))
+    if settings.features == "scattering":       # whole splits: one cache entry each
+        train_set, test_set = (scattering_features(d, progress=settings.progress)
+                               for d in (train_set, test_set))
+    pool = _take(train_set, pool_size, settings.seed, names[0])
+    population = _take(test_set, population_size, settings.seed + 1, names[1])
+    if settings.normalisation == "private" and settings.features == "scattering":
+        # Statistics of the pool, the data under protection, with DP (their
+        # cost is in every dpsgd arm's epsilon: Settings.arm_defaults); the
+        # clip norms from the held-out population, whose privacy is not at
+        # stake. The population is standardised with the same statistics.
+        clip_mean, clip_square = moment_norms(population)
+        standardize = private_standardizer(
+            pool, noise_multiplier=settings.normalisation_noise, clip_mean=clip_mean,
+            clip_square=clip_square, seed=settings.seed)
+        pool, population = standardize(pool), standardize(population)
+    return pool, population
 
 
 def build_model(settings: Settings, num_classes: int, image_shape: Sequence[int] | None = None):
@@ -654,12 +706,12 @@ def step_progress(settings: Settings) -> bool:
 
 
 def train_config(settings: Settings, *, seed: int | None = None, sampling: str = "shuffle",
-                 epochs: int | None = None, learning_rate: float | None = None
-                 ) -> TrainConfig:
+                 epochs: int | None = None, learning_rate: float | None = None,
+                 batch_size: int | None = None) -> TrainConfig:
     """The ``TrainConfig`` of a run of ``settings`` (evaluated only at its end)."""
     epochs = epochs or settings.epochs
     return TrainConfig(
-        epochs=epochs, batch_size=settings.batch_size,
+        epochs=epochs, batch_size=batch_size or settings.batch_size,
         learning_rate=learning_rate or settings.learning_rate, optimizer=settings.optimizer,
         momentum=settings.momentum, seed=settings.seed if seed is None else seed,
         sampling=sampling, eval_every=epochs, checkpoint_every=settings.checkpoint_every,
@@ -681,14 +733,16 @@ def train_arm(arm: Arm, settings: Settings, model, data: Sequence[tuple[np.ndarr
     """
     if len(data) != len(seeds) or not data:
         raise ValueError(f"need one seed per training set, got {len(seeds)} for {len(data)}")
+    batch_size = arm.batch_size or settings.batch_size
     pipelines = [build_pipeline(arm, loss_fn=softmax_cross_entropy(model),
-                                train_size=len(labels), batch_size=settings.batch_size,
+                                train_size=len(labels), batch_size=batch_size,
                                 epochs=settings.epochs, seed=seed, method=settings.method)
                  for (_, labels), seed in zip(data, seeds)]
     params = [init_params(model, images.shape[1:], seed)
               for (images, _), seed in zip(data, seeds)]
     configs = [train_config(settings, seed=seed, sampling=arm.sampling,
-                            learning_rate=arm.learning_rate) for seed in seeds]
+                            learning_rate=arm.learning_rate, batch_size=batch_size)
+               for seed in seeds]
     runs = [(images, labels, np.arange(len(labels))) for images, labels in data]
     # What differs between the models (init, DP-SGD's sigma and noise key)
     # lives in their stage states: the first pipeline's stage serves them all.

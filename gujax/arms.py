@@ -26,6 +26,8 @@ import functools
 import math
 from typing import Any, Callable, NamedTuple
 
+import optax
+
 from gujax.engine import ENGINES, Stage, make_engine, make_stage
 from gujax.policies import (NOISE_PRNGS, Ledger, censor_policy, clip_policy, dpsgd_policy, gnq_ledger,
                             monitor_policy)
@@ -47,6 +49,18 @@ class Arm:
     max_step: clip's cap on one step's disclosure, nats.
     prng: DP-SGD's noise key implementation (``gujax.policies.NOISE_PRNGS``).
     learning_rate: overrides the run's learning rate for this arm (None: keep).
+    batch_size: overrides the run's batch size for this arm (DP-SGD: the
+      expected Poisson batch; None: keep). DP-SGD's published settings use
+      far larger batches than the GNQ defenses can afford: the GNQ step costs
+      B^2 per input feature, DP-SGD's clipping only B.
+    ledger: keep the per-example GNQ ledger (default). Only a dpsgd arm may
+      set False: it then reads only the Gram diagonal (no B x B cross terms,
+      which a large batch cannot afford) and reports no disclosure; the
+      trained model is the same.
+    releases: noise multipliers of Gaussian mechanisms already run on the
+      training set (private feature statistics, ``gujax.features``); a dpsgd
+      arm's sigma is calibrated so that they and its steps together spend
+      (epsilon, delta). Set by the experiment, not the arm text.
     """
     kind: str
     reg: float = 0.1
@@ -57,6 +71,9 @@ class Arm:
     budget: float | None = None
     max_step: float | None = None
     learning_rate: float | None = None
+    batch_size: int | None = None
+    ledger: bool = True
+    releases: tuple[float, ...] = ()
     prng: str = "threefry2x32"
 
     def __post_init__(self):
@@ -69,6 +86,19 @@ class Arm:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"arm {name} must be a finite number > 0, got {value!r}")
+        if self.batch_size is not None and not (
+                isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"arm batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not self.ledger and self.kind != "dpsgd":
+            raise ValueError(f"only a dpsgd arm can train without its ledger: a {self.kind} "
+                             "arm's ledger is what it is")
+        if self.releases and self.kind != "dpsgd":
+            raise ValueError(f"releases are composed into DP-SGD's epsilon; a {self.kind} arm "
+                             "has none")
+        if not all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0
+                   for r in self.releases):
+            raise ValueError(f"arm releases must be noise multipliers > 0, got "
+                             f"{self.releases!r}")
         if self.prng not in NOISE_PRNGS:
             raise ValueError(f"arm prng must be one of {NOISE_PRNGS}, got {self.prng!r}")
         if not 0 < self.delta < 1:
@@ -84,6 +114,8 @@ class Arm:
             label += f" reg={self.reg:g}"
         if self.learning_rate is not None:
             label += f" lr={self.learning_rate:g}"
+        if self.batch_size is not None:
+            label += f" B={self.batch_size}"
         if self.prng != "threefry2x32":
             label += f" prng={self.prng}"
         return label
@@ -103,17 +135,24 @@ class Arm:
         return {"name": self.name, **dataclasses.asdict(self)}
 
 
-_FIELD_TYPES = {"reg": float, "relative": lambda v: v.lower() in ("1", "true", "yes"),
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
+_FIELD_TYPES = {"reg": float, "relative": _boolean, "ledger": _boolean,
+                "batch": int, "batch_size": int,
                 "epsilon": float, "eps": float, "delta": float, "clip_norm": float,
                 "budget": float, "tau": float, "max_step": float, "lr": float,
                 "learning_rate": float, "prng": str}
-_ALIASES = {"eps": "epsilon", "tau": "budget", "lr": "learning_rate"}
+_ALIASES = {"eps": "epsilon", "tau": "budget", "lr": "learning_rate", "batch": "batch_size"}
 
 
 def parse_arm(text: str, **defaults) -> Arm:
     """``"kind[:key=value,...]"`` -> Arm; ``defaults`` (e.g. reg=0.3) apply
     unless the text sets the key. Keys: the ``Arm`` fields, with the aliases
-    eps, tau, lr."""
+    eps, tau, lr, batch."""
     kind, _, rest = text.strip().partition(":")
     fields = dict(defaults)
     for item in filter(None, (s.strip() for s in rest.split(","))):
@@ -145,12 +184,15 @@ class Pipeline(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def dp_calibration(epsilon: float, delta: float, sample_rate: float, steps: int
-                   ) -> tuple[float, float]:
+def dp_calibration(epsilon: float, delta: float, sample_rate: float, steps: int,
+                   releases: tuple[float, ...] = ()) -> tuple[float, float]:
     """(sigma, accounted epsilon) for ``steps`` Poisson-sampled DP-SGD steps at
-    ``sample_rate``: the smallest sigma whose RDP epsilon is <= the target."""
-    sigma = calibrate_noise_multiplier(epsilon, sample_rate, steps, delta, sampling="poisson")
-    return sigma, dp_epsilon(sigma, sample_rate, steps, delta, sampling="poisson")
+    ``sample_rate`` after the Gaussian ``releases``: the smallest sigma whose
+    RDP epsilon (releases included) is <= the target."""
+    sigma = calibrate_noise_multiplier(epsilon, sample_rate, steps, delta, sampling="poisson",
+                                       releases=releases)
+    return sigma, dp_epsilon(sigma, sample_rate, steps, delta, sampling="poisson",
+                             releases=releases)
 
 
 def build_pipeline(arm: Arm, *, loss_fn: Callable, train_size: int, batch_size: int,
@@ -171,8 +213,13 @@ def build_pipeline(arm: Arm, *, loss_fn: Callable, train_size: int, batch_size: 
       models); "explicit": vmap(grad) per-example gradients. Both give the
       same training run to rounding (tests/test_arms.py).
 
-    This is the one place where an arm's gradient engine is chosen.
+    This is the one place where an arm's gradient engine is chosen. An arm
+    that sets its own ``batch_size`` must be given it here (a ValueError
+    otherwise), so that its accounting and its trainer agree.
     """
+    if arm.batch_size is not None and arm.batch_size != batch_size:
+        raise ValueError(f"arm {arm.name!r} trains with batch_size={arm.batch_size}; build "
+                         f"its pipeline (and its TrainConfig) with it, not {batch_size}")
     engine = make_engine(method, loss_fn)
     num_examples = train_size if num_examples is None else num_examples
     if not 0 < batch_size <= train_size <= num_examples:
@@ -182,10 +229,11 @@ def build_pipeline(arm: Arm, *, loss_fn: Callable, train_size: int, batch_size: 
     if arm.kind == "dpsgd":
         rate = batch_size / train_size
         steps = epochs * (train_size // batch_size)
-        sigma, eps = dp_calibration(arm.epsilon, arm.delta, rate, steps)
+        sigma, eps = dp_calibration(arm.epsilon, arm.delta, rate, steps, arm.releases)
         policy = dpsgd_policy(l2_norm_clip=arm.clip_norm, noise_multiplier=sigma,
                               expected_batch_size=batch_size, seed=seed,
-                              num_examples=num_examples, prng=arm.prng)
+                              num_examples=num_examples if arm.ledger else None,
+                              prng=arm.prng)
     else:
         common = dict(num_examples=num_examples, reg=arm.reg, relative=arm.relative)
         policy = {
@@ -196,6 +244,9 @@ def build_pipeline(arm: Arm, *, loss_fn: Callable, train_size: int, batch_size: 
     return Pipeline(make_stage(engine, policy, dtype=dtype), arm.sampling, sigma, eps)
 
 
-def ledger(state) -> Ledger:
-    """The per-example disclosure ledger inside an arm's stage state."""
+def ledger(state) -> Ledger | None:
+    """The per-example disclosure ledger inside an arm's stage state, or None
+    for a dpsgd arm trained with ``ledger=False``."""
+    if isinstance(state, optax.DifferentiallyPrivateAggregateState):
+        return None
     return gnq_ledger(state)

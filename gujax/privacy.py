@@ -15,6 +15,11 @@ The event must match the sampler (``gujax.sampling``):
 
 The two samplings' epsilons refer to different adjacency relations and are
 not directly comparable.
+
+``releases``: noise multipliers of Gaussian mechanisms run once on the whole
+training set before training (e.g. private feature statistics,
+``gujax.features.private_standardizer``, whose L2 sensitivity is its clip
+norm), composed with the training steps into one epsilon.
 """
 from __future__ import annotations
 
@@ -50,9 +55,18 @@ def _check(noise_multiplier, sample_rate, steps, delta, sampling, accountant):
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
+def _check_releases(releases) -> tuple[float, ...]:
+    releases = tuple(releases)
+    for sigma in releases:
+        if not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"releases must be finite noise multipliers > 0, got {releases!r}")
+    return releases
+
+
 def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int, *,
-                sampling: str = "poisson") -> dp_accounting.DpEvent:
-    """The DpEvent of ``steps`` DP-SGD steps (see the module docstring)."""
+                sampling: str = "poisson", releases=()) -> dp_accounting.DpEvent:
+    """The DpEvent of ``steps`` DP-SGD steps after the one-off Gaussian
+    ``releases`` (see the module docstring)."""
     gaussian = dp_accounting.GaussianDpEvent
     if sampling == "poisson":
         step = dp_accounting.PoissonSampledDpEvent(sample_rate, gaussian(noise_multiplier))
@@ -61,7 +75,14 @@ def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int, *,
         # sample_size / source_dataset_size only, so a unit dataset carries q.
         step = dp_accounting.SampledWithoutReplacementDpEvent(
             1, sample_rate, gaussian(noise_multiplier / 2))
-    return dp_accounting.SelfComposedDpEvent(step, steps)
+    training = dp_accounting.SelfComposedDpEvent(step, steps)
+    releases = _check_releases(releases)
+    if not releases:
+        return training
+    if sampling != "poisson":
+        # Under replace-one adjacency a release's sensitivity doubles.
+        releases = tuple(r / 2 for r in releases)
+    return dp_accounting.ComposedDpEvent([gaussian(r) for r in releases] + [training])
 
 
 class _QuietNonConvergence(logging.Filter):
@@ -86,21 +107,34 @@ def _accountant(sampling: str, accountant: str) -> dp_accounting.PrivacyAccounta
 
 
 def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-               *, sampling: str = "poisson", accountant: str = "rdp") -> float:
+               *, sampling: str = "poisson", accountant: str = "rdp", releases=()) -> float:
     """epsilon of DP-SGD after ``steps`` steps at sample rate q and noise
-    multiplier sigma (noise std / clip norm), for the given delta."""
+    multiplier sigma (noise std / clip norm), for the given delta, with the
+    one-off Gaussian ``releases`` composed in."""
     _check(noise_multiplier, sample_rate, steps, delta, sampling, accountant)
     acc = _accountant(sampling, accountant)
-    acc.compose(dpsgd_event(noise_multiplier, sample_rate, steps, sampling=sampling))
+    acc.compose(dpsgd_event(noise_multiplier, sample_rate, steps, sampling=sampling,
+                            releases=releases))
     return float(acc.get_epsilon(delta))
 
 
 def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int,
                                delta: float, *, sampling: str = "poisson",
-                               accountant: str = "rdp", tol: float = 1e-4) -> float:
-    """Smallest sigma (within ``tol``) whose epsilon is at most
-    ``target_epsilon``, by ``dp_accounting.calibrate_dp_mechanism``."""
+                               accountant: str = "rdp", tol: float = 1e-4,
+                               releases=()) -> float:
+    """Smallest sigma (within ``tol``) whose epsilon, with the one-off
+    Gaussian ``releases`` composed in, is at most ``target_epsilon``, by
+    ``dp_accounting.calibrate_dp_mechanism``. A ValueError when the releases
+    alone spend the budget."""
     _check(None, sample_rate, steps, delta, sampling, accountant)
+    releases = _check_releases(releases)
+    if releases:
+        acc = _accountant(sampling, accountant)
+        acc.compose(dpsgd_event(1e6, sample_rate, steps, sampling=sampling, releases=releases))
+        if acc.get_epsilon(delta) >= target_epsilon:
+            raise ValueError(f"the releases {releases} alone spend epsilon >= "
+                             f"{target_epsilon} at delta={delta}; no noise multiplier can "
+                             "meet the target")
     if not isinstance(target_epsilon, numbers.Real) or not math.isfinite(target_epsilon) \
             or target_epsilon <= 0:
         raise ValueError(f"target_epsilon must be a finite number > 0, got "
@@ -108,7 +142,8 @@ def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps:
     def calibrate(accountant, bracket):
         return float(dp_accounting.calibrate_dp_mechanism(
             lambda: _accountant(sampling, accountant),
-            lambda sigma: dpsgd_event(sigma, sample_rate, steps, sampling=sampling),
+            lambda sigma: dpsgd_event(sigma, sample_rate, steps, sampling=sampling,
+                                      releases=releases),
             target_epsilon, delta, bracket_interval=bracket, tol=tol))
 
     rdp_sigma = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(1e-3, 1.0))

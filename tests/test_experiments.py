@@ -241,12 +241,23 @@ def test_cifar_smoke_on_an_image_folder(tmp_path):
     _image_folder(tmp_path / "data", {"train": 24, "test": 12})
     out = tmp_path / "cifar-smoke"
     cifar.main(["--preset", "smoke", "--data-dir", str(tmp_path / "data"),
-                "--out", str(out), "--arms", "sgd", "dpsgd:eps=3", "censor:tau=2"])
-    results = _check_results(out, ["sgd", "dpsgd eps=3", "gnq-censor tau=2"])
+                "--out", str(out), "--arms", "sgd", "dpsgd:eps=3,batch=20", "censor:tau=2"])
+    results = _check_results(out, ["sgd", "dpsgd eps=3 B=20", "gnq-censor tau=2"])
     config = results["config"]
-    assert config["pool_n"] == 200 and config["model"] == "smallcnn"
-    assert config["widths"] == [8, 16] and not {"hidden", "depth", "width"} & set(config)
-    assert "plumbing check" in (out / "table.md").read_text()
+    assert config["pool_n"] == 200 and config["model"] == "scatter_linear"
+    assert config["features"] == "scattering" and config["normalisation"] == "private"
+    assert not {"hidden", "widths", "depth", "width"} & set(config)
+    # The private statistics' two releases are in DP-SGD's epsilon.
+    (dp,) = [row for row in results["arms"] if row["kind"] == "dpsgd"]
+    assert dp["arm_spec"]["releases"] == [8.0, 8.0] and dp["epsilon"] <= 3.0 + 1e-6
+    table = (out / "table.md").read_text()
+    assert "plumbing check" in table and "Published-accuracy check" in table
+    (check,) = results["full_train"]
+    assert check["train_n"] == 240 and check["test_n"] == 120 and check["batch_size"] == 40
+    lo, hi = check["test_accuracy_ci"]
+    assert 0 <= lo <= check["test_accuracy"] <= hi <= 1
+    assert check["verdict"] and check["epsilon"] <= 3.0 + 1e-6
+    assert (out / "full_train.csv").read_text().startswith("arm,")
 
 
 def test_cifar_without_data_fails_clearly(tmp_path, monkeypatch, capsys):

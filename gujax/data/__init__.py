@@ -7,7 +7,7 @@ arrays are cached on disk. See docs/data.md.
 """
 from gujax.data.augment import crop, random_crop, random_crop_flip, random_flip
 from gujax.data.cache import default_cache_dir
-from gujax.data.dataset import Dataset, channel_stats, to_float
+from gujax.data.dataset import Dataset, channel_stats, model_inputs, to_float
 from gujax.data.sources import TFDS_NAMES, load
 from gujax.data.splits import member_split, random_subset, shadow_membership, subset
 
@@ -19,6 +19,7 @@ __all__ = [
     "default_cache_dir",
     "load",
     "member_split",
+    "model_inputs",
     "random_crop",
     "random_crop_flip",
     "random_flip",

@@ -14,7 +14,8 @@ class Dataset:
     """A labelled image dataset held in memory.
 
     Attributes:
-      images: (N, H, W, C) uint8, pixel values 0..255.
+      images: (N, H, W, C) uint8 pixel values 0..255, or float32 features
+        already in the model's units (``gujax.features.scattering_features``).
       labels: (N,) int32 in [0, len(class_names)).
       ids: (N,) int64 stable example ids: the example's position in the
         canonical order of the full split it was loaded from, so ids lie in
@@ -35,9 +36,9 @@ class Dataset:
 
     def __post_init__(self):
         n = len(self.images)
-        if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise ValueError(f"images must be (N, H, W, C) uint8; got {self.images.shape} "
-                             f"{self.images.dtype}")
+        if self.images.ndim != 4 or self.images.dtype not in (np.uint8, np.float32):
+            raise ValueError(f"images must be (N, H, W, C) uint8 (pixels) or float32 "
+                             f"(features); got {self.images.shape} {self.images.dtype}")
         if self.labels.shape != (n,) or self.labels.dtype != np.int32:
             raise ValueError(f"labels must be ({n},) int32; got {self.labels.shape} "
                              f"{self.labels.dtype}")
@@ -79,6 +80,15 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     count = images.size // channels
     mean = total / count
     return mean, np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+
+
+def model_inputs(images: jax.Array) -> jax.Array:
+    """What a model takes: uint8 pixels scaled to [0, 1] float32, float
+    inputs (features) cast to float32 and otherwise left as they are. Works
+    inside ``jax.jit``."""
+    if images.dtype == np.uint8:
+        return jnp.asarray(images, jnp.float32) / 255.0
+    return jnp.asarray(images, jnp.float32)
 
 
 def to_float(images: jax.Array, mean: Sequence[float] | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from types import SimpleNamespace
 from typing import NamedTuple, Sequence
 
 import jax
@@ -22,7 +23,7 @@ import numpy as np
 
 from gujax.arms import build_pipeline, ledger
 from gujax.audit.shadow.record import AUGMENTATIONS, ShadowModel, ShadowSpec
-from gujax.data.dataset import Dataset, to_float
+from gujax.data.dataset import Dataset, model_inputs
 from gujax.data.splits import shadow_membership
 from gujax.train import softmax_cross_entropy, train_stacked
 
@@ -49,18 +50,28 @@ def check_run(spec: ShadowSpec, pool: Dataset, population: Dataset) -> np.ndarra
     check_data(pool, population)
     in_mask = membership(spec, pool)
     smallest = int(in_mask.sum(1).min())
-    if spec.config.batch_size > smallest:
-        raise ValueError(f"batch_size {spec.config.batch_size} exceeds the {smallest} examples "
+    batch_size = spec.arm.batch_size or spec.config.batch_size
+    if batch_size > smallest:
+        raise ValueError(f"batch_size {batch_size} exceeds the {smallest} examples "
                          f"of the smallest shadow training set (each model trains on a random "
                          f"half of the {len(pool)}-example pool)")
     return in_mask
 
 
+def _no_ledger(n: int) -> SimpleNamespace:
+    """The ledger arrays of a run that kept none: NaN disclosure (unknown,
+    not zero), no step counts, nothing retired."""
+    return SimpleNamespace(disclosure=np.full(n, np.nan, np.float32),
+                           cumulative_gnq=np.full(n, np.nan, np.float32),
+                           steps_used=np.zeros(n, np.int32), retired=np.zeros(n, bool))
+
+
 def _query_fn(model, augmentations):
-    """Jitted logits (B, A, C) of a uint8 batch under each augmentation."""
+    """Jitted logits (B, A, C) of a batch (uint8 pixels or float features) under
+    each augmentation."""
     @jax.jit
     def query(params, images):
-        x = to_float(images)
+        x = model_inputs(images)
         return jnp.stack([model.apply({"params": params}, AUGMENTATIONS[a](x))
                           for a in augmentations], axis=1)
     return query
@@ -107,10 +118,12 @@ def _fit_group(spec: ShadowSpec, runs: Sequence[_Run], *, pool: Dataset,
     """
     loss_fn = softmax_cross_entropy(spec.model)
     config = spec.config
+    batch_size = spec.arm.batch_size or config.batch_size
     pipelines = [build_pipeline(spec.arm, loss_fn=loss_fn, train_size=len(r.rows),
-                                batch_size=config.batch_size, epochs=config.epochs, seed=r.seed,
+                                batch_size=batch_size, epochs=config.epochs, seed=r.seed,
                                 num_examples=len(pool), method=spec.method) for r in runs]
     configs = [dataclasses.replace(config, seed=r.seed, sampling=p.sampling,
+                                   batch_size=batch_size,
                                    learning_rate=spec.arm.learning_rate or config.learning_rate)
                for r, p in zip(runs, pipelines)]
     first = pipelines[0]
@@ -126,6 +139,8 @@ def _fit_group(spec: ShadowSpec, runs: Sequence[_Run], *, pool: Dataset,
     for result, pipeline, config in zip(results, pipelines, configs):
         # The ledger is already indexed by pool position; OUT entries are 0.
         book = jax.device_get(ledger(result.aggregator_state))
+        if book is None:    # DP-SGD with ledger=False: no disclosure was measured
+            book = _no_ledger(len(pool))
         fitted.append(_Fitted(
             params=result.params,
             disclosure=np.asarray(book.disclosure, np.float32),
@@ -151,7 +166,7 @@ class ShadowTrainer:
     def _prepare(self, m: int) -> _Run:
         seed = self.spec.seed * 100_003 + m  # distinct per (run seed, model)
         params = self.spec.model.init(jax.random.key(seed),
-                                      to_float(self.pool.images[:1]))["params"]
+                                      model_inputs(self.pool.images[:1]))["params"]
         return _Run(m, np.flatnonzero(self.in_mask[m]), seed, params)
 
     def train(self, models: Sequence[int], *, checkpoint_dir: str | None = None
