@@ -24,6 +24,9 @@ them with each preset's value. Outputs go to ``--out`` (default
     results.csv      the same rows, flat
     table.md         the headline table
     privacy_utility.png, roc.png, gnq_vs_attack.png
+                     (every accuracy and LiRA figure with a 95% bootstrap interval,
+                     ``<key>_ci``; table.md and results.json's "verdicts" read
+                     the GNQ arms against DP-SGD from them)
     per_example/<arm>.npz   ids, labels, disclosure, cumulative GNQ and LiRA
                             vulnerability (N,); LiRA scores, in_mask, D (M, N)
     shadow/<arm>/    the shadow models (resumable with --resume)
@@ -34,6 +37,7 @@ import dataclasses
 import math
 import os
 import time
+import types
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -44,17 +48,23 @@ from experiments import harness
 # Re-exported: experiments.stacked imports it from here.
 from experiments.harness import enable_compilation_cache  # noqa: F401
 from experiments.harness import Settings, arm_text, option
-from experiments.report import environment, finite_or_none, format_table, write_report
+from experiments.report import (environment, finite_or_none, format_interval, format_table,
+                                write_report)
 from gujax.arms import Arm
-from gujax.audit.plots import plot_disclosure_vs_attack, plot_roc
+from gujax.audit.intervals import attack_intervals, compare, interval_order, mean_interval
+from gujax.audit.plots import TradeoffPoint, plot_disclosure_vs_attack, plot_roc, plot_tradeoff
 from gujax.audit.shadow import (AUGMENTATIONS, ShadowAudit, ShadowRecord,
                                 mean_over_members)
 from gujax.data import Dataset
 
+# The figures with a 95% interval beside them, under "<key>_ci" ([lo, hi]).
+INTERVAL_KEYS = ("test_accuracy", "train_accuracy", "mia_auc", "mia_tpr_at_0.1pct_fpr",
+                 "mia_tpr_at_1pct_fpr")
 # Keys every results.json arm object carries (the notebooks rely on them).
 REQUIRED_KEYS = ("arm", "test_accuracy", "train_accuracy", "mia_auc",
                  "mia_tpr_at_0.1pct_fpr", "mia_tpr_at_1pct_fpr", "disclosure_mean_nats",
-                 "disclosure_max_nats", "refused_fraction", "epsilon", "wall_seconds")
+                 "disclosure_max_nats", "refused_fraction", "epsilon", "wall_seconds",
+                 *(f"{key}_ci" for key in INTERVAL_KEYS))
 
 
 # ----------------------------------------------------------------------------
@@ -81,6 +91,9 @@ class ComparisonSettings(Settings):
         ("sgd", "dpsgd:eps=3", "censor:tau=8", "clip:max_step=0.1"),
         "training arms, kind[:key=value,...] (gujax.arms.parse_arm): sgd, dpsgd:eps=E, "
         "censor:tau=T, clip:max_step=S; see arms below", parse=arm_text)
+    bootstrap_resamples: int = option(
+        1000, "resamples of the bootstrap behind every 95% confidence interval (over the "
+              "shadow models and, independently, the examples: gujax.audit.intervals)")
 
     NOTES = ("Sizes: --pool-size 0 takes the whole train split as the membership pool, "
              "--population-size 0 the whole test split; a size beyond the split is an error.",)
@@ -95,6 +108,9 @@ class ComparisonSettings(Settings):
             raise ValueError(f"num_models must be >= 3 (each model is attacked with the "
                              f"others as its shadows, and LiRA fits its IN and OUT "
                              f"Gaussians from two or more of them), got {self.num_models}")
+        if self.bootstrap_resamples < 100:
+            raise ValueError(f"bootstrap_resamples must be >= 100 (the 2.5% and 97.5% "
+                             f"quantiles of fewer are noise), got {self.bootstrap_resamples}")
         if self.models_at_once < 1:
             raise ValueError(f"models_at_once must be >= 1, got {self.models_at_once}")
         unrecorded = sorted(set(self.attack_augmentations) - set(self.query_augmentations))
@@ -107,19 +123,44 @@ class ComparisonSettings(Settings):
 # ----------------------------------------------------------------------------
 # One arm's row of the results.
 
-def summarize_arm(arm: Arm, record: ShadowRecord, audit: ShadowAudit) -> dict:
-    """The results.json object of one arm (means over the M models)."""
+# The confidence level of every interval.
+CONFIDENCE = 0.95
+
+
+def _pair(interval) -> list[float]:
+    return [float(interval[0]), float(interval[1])]
+
+
+def summarize_arm(arm: Arm, record: ShadowRecord, audit: ShadowAudit, *,
+                  num_resamples: int = 1000, seed: int = 0) -> dict:
+    """The results.json object of one arm (means over the M models).
+
+    Beside test and train accuracy and LiRA online's AUC and TPR at 0.1% and
+    1% FPR, ``<key>_ci``: the [lo, hi] 95% interval of the crossed bootstrap
+    (``num_resamples`` resamples of the models and, independently, of the
+    examples; ``gujax.audit.intervals``), deterministic in ``seed``.
+    """
     members = record.in_mask
     d = record.disclosure[members].astype(np.float64)
     lira = audit.evaluations["lira_online"]
+    boot = dict(num_resamples=num_resamples, confidence=CONFIDENCE, seed=seed)
+    # Query 0 is the one the record's accuracies come from (shadow/training.py).
+    test_correct = np.argmax(record.population_logits[:, :, 0], -1) == record.population_labels
+    train_correct = np.argmax(record.logits[:, :, 0], -1) == record.pool_labels
+    lira_ci = attack_intervals(audit.lira_scores, members, fpr_levels=(0.001, 0.01), **boot)
     row = {
         "arm": arm.name, "kind": arm.kind,
         "test_accuracy": float(np.mean(record.test_accuracy)),
+        "test_accuracy_ci": _pair(mean_interval(test_correct, **boot)),
         "test_accuracy_std": float(np.std(record.test_accuracy)),
         "train_accuracy": float(np.mean(record.train_accuracy)),
+        "train_accuracy_ci": _pair(mean_interval(train_correct, members, **boot)),
         "mia_auc": lira.auc,
+        "mia_auc_ci": _pair(lira_ci.auc),
         "mia_tpr_at_0.1pct_fpr": lira.tpr_at(0.001),
+        "mia_tpr_at_0.1pct_fpr_ci": _pair(lira_ci.tpr_at(0.001)),
         "mia_tpr_at_1pct_fpr": lira.tpr_at(0.01),
+        "mia_tpr_at_1pct_fpr_ci": _pair(lira_ci.tpr_at(0.01)),
         "mia_balanced_accuracy": lira.balanced_accuracy,
     }
     for name, evaluation in audit.evaluations.items():
@@ -129,10 +170,14 @@ def summarize_arm(arm: Arm, record: ShadowRecord, audit: ShadowAudit) -> dict:
         row[f"{name}_tpr_at_0.1pct_fpr"] = evaluation.tpr_at(0.001)
         row[f"{name}_tpr_at_1pct_fpr"] = evaluation.tpr_at(0.01)
     relation = audit.disclosure_vs_vulnerability
+    if relation is None:       # no ledger kept (dpsgd ledger=false): no D_j, no relation
+        relation = types.SimpleNamespace(spearman_rho=float("nan"), ks=(), precision_at_k=(),
+                                         chance_precision=())
+    measured = bool(np.all(np.isfinite(d))) and d.size > 0
     row.update({
-        "disclosure_mean_nats": float(np.mean(d)),
-        "disclosure_median_nats": float(np.median(d)),
-        "disclosure_max_nats": float(np.max(d)),
+        "disclosure_mean_nats": float(np.mean(d)) if measured else None,
+        "disclosure_median_nats": float(np.median(d)) if measured else None,
+        "disclosure_max_nats": float(np.max(d)) if measured else None,
         "refused_fraction": float(np.mean(record.retired[members])),
         "unused_fraction": float(np.mean(record.steps_used[members] == 0)),
         "epsilon": finite_or_none(np.mean(record.epsilon)),
@@ -145,6 +190,7 @@ def summarize_arm(arm: Arm, record: ShadowRecord, audit: ShadowAudit) -> dict:
         "wall_seconds": float(np.sum(record.wall_seconds)),
         "wall_seconds_per_model": float(np.mean(record.wall_seconds)),
         "num_models": int(members.shape[0]),
+        "confidence_level": CONFIDENCE, "bootstrap_resamples": num_resamples,
         "lira_excluded_pairs": int(lira.num_excluded),
         "arm_spec": arm.to_json(),
         "per_example_file": f"per_example/{arm.slug}.npz",
@@ -170,9 +216,20 @@ TABLE_COLUMNS = (
     ("wall s", "wall_seconds", "{:.0f}"))
 
 
+def _with_intervals(row: dict) -> dict:
+    """``row`` with each table value that has a ``<key>_ci`` written as
+    "value [lo, hi]" in its column's format."""
+    shown = dict(row)
+    for _, key, fmt in TABLE_COLUMNS:
+        if row.get(f"{key}_ci") is not None and row.get(key) is not None:
+            shown[key] = format_interval(row[key], row[f"{key}_ci"], fmt)
+    return shown
+
+
 def markdown_table(rows: list[dict], settings: ComparisonSettings, pool_n: int,
                    population_n: int) -> str:
-    """The headline table, with the run's settings above it."""
+    """The headline table, with the run's settings above it and the verdicts
+    read from its intervals (``verdict_text``) below it."""
     lines = [f"# {settings.dataset} / {settings.preset}", ""]
     if settings.note:
         lines += [settings.note, ""]
@@ -181,38 +238,158 @@ def markdown_table(rows: list[dict], settings: ComparisonSettings, pool_n: int,
               f"{pool_n} examples, population {population_n}. "
               "MIA = LiRA online (each model the target, the others its shadows); "
               "D in nats over (model, member) pairs; refused = retired members; "
-              "rho = Spearman of mean D_j against mean LiRA score of j as a member.", ""]
-    return "\n".join(lines + [format_table(rows, TABLE_COLUMNS, markdown=True)]) + "\n"
+              "rho = Spearman of mean D_j against mean LiRA score of j as a member. "
+              f"[lo, hi]: {CONFIDENCE:.0%} bootstrap interval over the shadow models and "
+              f"the examples ({settings.bootstrap_resamples} resamples).", ""]
+    table = format_table([_with_intervals(r) for r in rows],
+                         [(h, k, "{}" if any(f"{k}_ci" in r for r in rows) else f)
+                          for h, k, f in TABLE_COLUMNS], markdown=True)
+    return "\n".join(lines + [table, "", verdict_text(rows)]) + "\n"
 
 
-MARKERS = {"sgd": "o", "dpsgd": "s", "censor": "^", "clip": "D"}
-# (x key, x label, chance level) of the privacy/utility panels.
-PRIVACY_AXES = (("mia_tpr_at_1pct_fpr", "LiRA TPR at 1% FPR", 0.01),
-                ("mia_auc", "LiRA AUC", 0.5))
+# ----------------------------------------------------------------------------
+# Verdicts: the GNQ arms against DP-SGD, read from the intervals.
+
+# (key, name) of the attack figures the verdicts compare at.
+VERDICT_ATTACKS = (("mia_tpr_at_1pct_fpr", "LiRA TPR at 1% FPR", "TPR@1%"),
+                   ("mia_auc", "LiRA AUC", "AUC"))
+GNQ_KINDS = ("censor", "clip")
+
+
+def verdicts(rows: list[dict]) -> dict:
+    """Each GNQ arm (censor, clip) against each DP-SGD arm of ``rows``, by
+    test accuracy and each attack of ``VERDICT_ATTACKS``
+    (``gujax.audit.intervals.compare`` on their ``_ci`` intervals).
+
+    Returns {"pairs": [{"arm", "against", "attack", "verdict", "accuracy",
+    "attack_order"}], "arms": {arm: {attack: summary}}, "versus_sgd": {arm:
+    {attack: order}}}; "accuracy", "attack_order" and "versus_sgd" are
+    +1 / 0 / -1 (the GNQ arm's interval above, overlapping, below the other
+    arm's; versus_sgd: its attack interval against the sgd arm's, None
+    without one). An arm's summary: "worse" if some DP-SGD arm beats it (the
+    arm lies below DP-SGD's curve), else "better" if it beats one, else "not
+    distinguishable" if it matches one, else "trade-off".
+    """
+    gnq = [r for r in rows if r.get("kind") in GNQ_KINDS]
+    dpsgd = [r for r in rows if r.get("kind") == "dpsgd"]
+    sgd = next((r for r in rows if r.get("kind") == "sgd"), None)
+    pairs, arms, versus_sgd = [], {}, {}
+    for row in gnq:
+        arms[row["arm"]], versus_sgd[row["arm"]] = {}, {}
+        for key, _, _ in VERDICT_ATTACKS:
+            # An attack interval that overlaps non-private SGD's shows no
+            # privacy at all: "better than DP-SGD" then means the measure is
+            # too noisy to separate anything, not that the defense works.
+            versus_sgd[row["arm"]][key] = (None if sgd is None else
+                                           interval_order(row[f"{key}_ci"], sgd[f"{key}_ci"]))
+            found = []
+            for other in dpsgd:
+                found.append({
+                    "arm": row["arm"], "against": other["arm"], "attack": key,
+                    "verdict": compare(row["test_accuracy_ci"], row[f"{key}_ci"],
+                                       other["test_accuracy_ci"], other[f"{key}_ci"]),
+                    "accuracy": interval_order(row["test_accuracy_ci"],
+                                               other["test_accuracy_ci"]),
+                    "attack_order": interval_order(row[f"{key}_ci"], other[f"{key}_ci"])})
+            pairs += found
+            words = {p["verdict"] for p in found}
+            arms[row["arm"]][key] = next(
+                (w for w in ("worse", "better", "not distinguishable") if w in words),
+                "trade-off" if words else "no DP-SGD arm")
+    return {"pairs": pairs, "arms": arms, "versus_sgd": versus_sgd}
+
+
+_ORDER_WORDS = {1: "higher", 0: "not distinguishable", -1: "lower"}
+
+
+def _shown(row: dict, key: str) -> str:
+    return format_interval(row[key], row[f"{key}_ci"], "{:.3f}")
+
+
+def verdict_text(rows: list[dict]) -> str:
+    """Markdown: per attack of ``VERDICT_ATTACKS``, the paper's claim (the
+    GNQ defense gives privacy comparable to DP-SGD with better accuracy)
+    against the intervals, each GNQ arm's summary and its pairs (``verdicts``)."""
+    found = verdicts(rows)
+    if not found["arms"] or not any(r.get("kind") == "dpsgd" for r in rows):
+        return "No verdict: the run needs a GNQ arm (censor, clip) and a DP-SGD arm."
+    by_name = {r["arm"]: r for r in rows}
+    lines = [f"## The GNQ arms against DP-SGD ({CONFIDENCE:.0%} intervals)", "",
+             "*better*: ahead (higher accuracy or lower attack success, intervals apart) on "
+             "one axis and not behind on the other; *not distinguishable*: both pairs of "
+             "intervals overlap; *trade-off*: ahead on one axis, behind on the other. An "
+             "arm is *worse* if some DP-SGD arm beats it, else *better* if it beats one.", ""]
+    for key, name, short in VERDICT_ATTACKS:
+        summary = {arm: v[key] for arm, v in found["arms"].items()}
+        below_sgd = {arm: v[key] == -1 for arm, v in found["versus_sgd"].items()}
+        groups = {
+            "supported (better than a DP-SGD arm, beaten by none, less attackable than SGD)":
+                [a for a, v in summary.items() if v == "better" and below_sgd[a]],
+            "better than a DP-SGD arm but not distinguishable from SGD either":
+                [a for a, v in summary.items() if v == "better" and not below_sgd[a]],
+            "worse (beaten by a DP-SGD arm)": [a for a, v in summary.items() if v == "worse"],
+            "not distinguishable": [a for a, v in summary.items()
+                                    if v == "not distinguishable"],
+            "trade-off only": [a for a, v in summary.items() if v == "trade-off"]}
+        lines.append(f"**By {name}**, the claim is " + "; ".join(
+            f"{group}: {', '.join(members)}" for group, members in groups.items() if members)
+            + ".")
+        lines.append("")
+        for arm, word in summary.items():
+            row = by_name[arm]
+            parts = []
+            for p in (p for p in found["pairs"] if p["arm"] == arm and p["attack"] == key):
+                other = by_name[p["against"]]
+                parts.append(f"{p['verdict']} vs {p['against']} (its test acc "
+                             f"{_shown(other, 'test_accuracy')}: ours "
+                             f"{_ORDER_WORDS[p['accuracy']]}; its {short} "
+                             f"{_shown(other, key)}: ours {_ORDER_WORDS[p['attack_order']]})")
+            sgd_note = {1: ", above SGD's", 0: ", not distinguishable from SGD's",
+                        -1: ", below SGD's"}.get(found["versus_sgd"][arm][key], "")
+            lines.append(f"- {arm} (test acc {_shown(row, 'test_accuracy')}, {short} "
+                         f"{_shown(row, key)}{sgd_note}): **{word}**; " + "; ".join(parts))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------
+# The privacy/utility figure.
+
+MARKERS = {"SGD": "o", "DP-SGD": "s", "GNQ censor": "^", "GNQ clip": "D"}
+# kind -> (family name, the arm_spec field the family is ordered by, its label).
+FAMILIES = {"sgd": ("SGD", None, ""), "dpsgd": ("DP-SGD", "epsilon", "eps"),
+            "censor": ("GNQ censor", "budget", "tau"), "clip": ("GNQ clip", "max_step", "s")}
+# (x key, x label, chance level, log x) of the privacy/utility panels.
+PRIVACY_AXES = (("mia_tpr_at_1pct_fpr", "LiRA TPR at 1% FPR", 0.01, True),
+                ("mia_auc", "LiRA AUC", 0.5, False))
+
+
+def families(rows: list[dict], key: str) -> dict[str, list[TradeoffPoint]]:
+    """The points (test accuracy against ``key``, with their intervals) of
+    each family of arms, ordered by epsilon, budget or cap."""
+    grouped: dict[str, list[tuple[float, TradeoffPoint]]] = {}
+    for row in rows:
+        name, field, short = FAMILIES.get(row["kind"], (row["kind"], None, ""))
+        value = row["arm_spec"].get(field) if field else None
+        label = f"{short}={value:g}" if value is not None else row["arm"]
+        grouped.setdefault(name, []).append((value if value is not None else 0.0, TradeoffPoint(
+            label, row[key], tuple(row[f"{key}_ci"]), row["test_accuracy"],
+            tuple(row["test_accuracy_ci"]))))
+    return {name: [p for _, p in sorted(points, key=lambda vp: vp[0])]
+            for name, points in grouped.items()}
 
 
 def plot_privacy_utility(rows: list[dict], path: str, *, title: str = "") -> None:
-    """Test accuracy (mean +- std over the models) against two LiRA
-    metrics, one point per arm (marker by kind); chance marked; the arms'
-    legend below the panels."""
-    fig = Figure(figsize=(10, 4.8), layout="constrained")
+    """Test accuracy against LiRA TPR at 1% FPR (log axis) and against LiRA
+    AUC, one curve per family of arms (DP-SGD over epsilon, censor over its
+    budget, clip over its cap), 95% interval error bars both ways, chance
+    marked."""
+    fig = Figure(figsize=(11, 4.8), layout="constrained")
     axes = fig.subplots(1, len(PRIVACY_AXES), sharey=True)
-    colors = [f"C{i % 10}" for i in range(len(rows))]
-    for ax, (key, label, chance) in zip(axes, PRIVACY_AXES):
-        for row, color in zip(rows, colors):
-            ax.errorbar([row[key]], [row["test_accuracy"]],
-                        yerr=[row.get("test_accuracy_std") or 0.0], fmt=MARKERS.get(
-                            row.get("kind"), "o"), color=color, ms=7, capsize=3,
-                        label=row["arm"])
-        ax.axvline(chance, ls="--", c="gray", lw=0.8)
-        ax.annotate("chance", (chance, 1), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12), textcoords="offset points", fontsize=7, color="gray")
-        ax.set_xlabel(f"{label} (lower = more private)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (mean +- std over models)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(rows)),
-               fontsize=8, frameon=False)
+    for ax, (key, label, chance, log_x) in zip(axes, PRIVACY_AXES):
+        plot_tradeoff(families(rows, key), ax, chance=chance, log_x=log_x, markers=MARKERS,
+                      xlabel=f"{label} (lower = more private)",
+                      ylabel=f"test accuracy ({CONFIDENCE:.0%} interval)")
     fig.suptitle(title or "privacy and utility per arm")
     fig.savefig(path, dpi=150)
 
@@ -289,20 +466,23 @@ def execute(run: harness.Run, prepared: Prepared) -> dict:
             query_augmentations=settings.query_augmentations,
             attack_augmentations=settings.attack_augmentations, resume=run.resume,
             models_at_once=settings.models_at_once)
-        rows.append(summarize_arm(arm, record, audit))
+        rows.append(summarize_arm(arm, record, audit,
+                                  num_resamples=settings.bootstrap_resamples,
+                                  seed=settings.seed))
         audits[arm.name] = audit
         evaluations[arm.name] = audit.evaluations["lira_online"]
         save_per_example(os.path.join(out, "per_example", f"{arm.slug}.npz"), record, audit)
 
     config = {**settings.record(), "out": out, "pool_n": len(pool),
               "population_n": len(population), "num_classes": len(pool.class_names)}
-    results = {"arms": rows, "config": config, **environment(),
+    results = {"arms": rows, "config": config, "verdicts": verdicts(rows), **environment(),
                "total_wall_seconds": time.perf_counter() - start}
     write_report(out, record=results, rows=rows,
                  table=markdown_table(rows, settings, len(pool), len(population)))
     plot_privacy_utility(rows, os.path.join(out, "privacy_utility.png"),
                          title=f"{settings.dataset} / {settings.preset}: privacy and utility "
-                               f"({settings.num_models} shadow models per arm)")
+                               f"({settings.num_models} shadow models per arm, "
+                               f"{CONFIDENCE:.0%} bootstrap intervals)")
     plot_roc(evaluations, path=os.path.join(out, "roc.png"),
              title="LiRA online, pooled over targets")
     plot_disclosure_grid(audits, os.path.join(out, "gnq_vs_attack.png"))

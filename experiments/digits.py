@@ -37,7 +37,7 @@ _DEFAULT = ComparisonSettings(
 PRESETS = harness.presets(
     default=_DEFAULT,
     smoke=dataclasses.replace(
-        _DEFAULT, pool_size=0, num_models=4, epochs=3, hidden=(64,),
+        _DEFAULT, pool_size=0, num_models=4, epochs=3, hidden=(64,), bootstrap_resamples=200,
         arms=("sgd", "dpsgd:eps=1", "censor:tau=8", "clip:max_step=0.1"),
         note="Smoke preset: 4 shadow models, 3 epochs; a plumbing check, not a measurement."),
 )

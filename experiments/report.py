@@ -3,6 +3,7 @@ become null), a CSV of the rows, tables (markdown or aligned text) and what
 gets printed.
 
     write_report(out, record=record, rows=rows, table=markdown)   # the comparison
+    format_interval(0.717, [0.695, 0.739])   # "0.717 [0.695, 0.739]"
     write_report(out, record=record, json_name="curvature.json", summary=text)
 """
 from __future__ import annotations
@@ -46,15 +47,28 @@ def write_json(path: str, record: dict) -> None:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    """One line per row, the union of the rows' keys as columns; dict values
-    as JSON text."""
-    flat = [{k: (json.dumps(jsonable(v)) if isinstance(v, dict) else v) for k, v in r.items()}
-            for r in rows]
+    """One line per row, the union of the rows' keys as columns; dict, list
+    and array values (e.g. a [lo, hi] interval) as JSON text."""
+    flat = [{k: (json.dumps(jsonable(v)) if isinstance(v, (dict, list, tuple, np.ndarray))
+                 else v) for k, v in r.items()} for r in rows]
     keys = list(dict.fromkeys(k for r in flat for k in r))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(flat)
+
+
+def format_interval(value, interval, fmt: str = "{:.3f}") -> str:
+    """"value [lo, hi]" with each number in ``fmt``; "-" for a missing or
+    non-finite value, the value alone without a finite interval."""
+    def finite(x):
+        return x is not None and math.isfinite(float(x))
+
+    if not finite(value):
+        return "-"
+    if interval is None or len(interval) != 2 or not all(finite(x) for x in interval):
+        return fmt.format(value)
+    return f"{fmt.format(value)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
 
 
 def format_table(rows: list[dict], columns, *, markdown: bool = False) -> str:

@@ -16,6 +16,12 @@ rounding; the code is the same on one CPU, several GPUs or a TPU pod slice
     step = sharded_jit(train_step, mesh, batch_argnums=(1,))
     state = replicate(state, mesh)
     state, metrics = step(state, shard_batch(batch, mesh))
+
+Many runs (shadow models) are the other axis to split: ``run_mesh()`` over
+the local devices makes ``gujax.train.train_stacked(..., mesh=)`` put M / D
+of its stacked runs on each device, and on several hosts
+(``jax.distributed.initialize()``) ``process_share`` gives each process its
+own model indices, trained on its own devices with nothing exchanged.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from gujax.grads import batch_size
 
 PyTree = Any
 DATA_AXIS = "data"
+RUN_AXIS = "runs"
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None, *,
@@ -88,3 +95,29 @@ def sharded_jit(fn: Callable, mesh: Mesh, *, batch_argnums: Sequence[int] = (1,)
         return jitted(*placed)
 
     return run
+
+
+def run_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis "runs" over ``devices`` (default: this process's
+    ``jax.local_devices()``: stacked runs never talk to each other, so a
+    host keeps its runs on its own devices)."""
+    return data_mesh(jax.local_devices() if devices is None else devices, axis_name=RUN_AXIS)
+
+
+def process_share(indices: Sequence[int], *, process_index: int | None = None,
+                  process_count: int | None = None) -> list[int]:
+    """This process's share of ``indices``: every ``process_count``-th one,
+    starting at ``process_index`` (defaults: ``jax.process_index()`` and
+    ``jax.process_count()``, so one process gets them all).
+
+    Each index goes to exactly one process, fixed by the two numbers alone,
+    so a host that dies can be restarted on its share without the others.
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"process_count must be a positive integer, got {count!r}")
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) \
+            or not 0 <= index < count:
+        raise ValueError(f"process_index must be in [0, {count}), got {index!r}")
+    return list(indices)[index::count]

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from flax import serialization
@@ -377,6 +378,20 @@ def _pad_batch(rows: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarra
             np.concatenate([mask, np.zeros(extra, bool)]))
 
 
+def _run_placement(mesh, runs: int) -> Callable[[PyTree], PyTree]:
+    """Puts a tree with a leading run axis (M, ...) where it belongs: split
+    over ``mesh``'s one axis, or left as it is without a mesh."""
+    if mesh is None:
+        return lambda tree: tree
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh must be 1-D (the run axis), got axes {mesh.axis_names}")
+    if runs % mesh.size:
+        raise ValueError(f"{runs} stacked runs do not split over the {mesh.size} devices "
+                         f"of the mesh; give a multiple of {mesh.size} runs")
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+    return lambda tree: jax.device_put(tree, sharding)
+
+
 def make_stacked_train_step(stage: Stage, optimizer: optax.GradientTransformation,
                             *, augment: Callable | None = None):
     """The jitted ``step(states, batches, keys, active) -> (states, metrics)``
@@ -466,7 +481,7 @@ class _Snapshots:
 
 def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainConfig],
          stage: Stage, stage_states, model, eval_data, workdir, resume, snapshot_epochs,
-         stacked: bool) -> list[TrainResult]:
+         stacked: bool, mesh) -> list[TrainResult]:
     """The loop behind ``train`` (one run, ``stacked=False``) and ``train_stacked``."""
     runs = len(params)
     if runs == 0 or not (len(data) == len(configs) == runs):
@@ -493,8 +508,10 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
     keys = jnp.stack([jax.random.key(c.seed) for c in configs])
     optimizer = _optimizer(config)
     step_fn = make_stacked_train_step(stage, optimizer, augment=config.augment)
-    state = _stack([TrainState(jnp.zeros((), jnp.int32), p, s, optimizer.init(p))
-                    for p, s in zip(params, stage_states)])
+    place = _run_placement(mesh, runs)
+    state = place(_stack([TrainState(jnp.zeros((), jnp.int32), p, s, optimizer.init(p))
+                          for p, s in zip(params, stage_states)]))
+    keys = place(keys)
 
     history: list[dict] = []
     manager = None
@@ -529,7 +546,8 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
     # host-side gather, stack and transfer of a large batch of features cost
     # several times the step itself: 1.3 s against 0.9 s at B = 8192 x 15,552.)
     on_device = jax.device_put(datasets)
-    gather = jax.jit(_gather_rows)
+    gather = jax.jit(_gather_rows, out_shardings=None if mesh is None
+                     else NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
     total = int(totals.max())
     start = int(jnp.max(state.step))
     pending = []
@@ -539,7 +557,7 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
         size = max(len(rows) for rows, _ in drawn)
         drawn = [_pad_batch(rows, mask, size) for rows, mask in drawn]
         batch = gather(on_device, np.stack([rows for rows, _ in drawn]))
-        batch["mask"] = np.stack([mask for _, mask in drawn])
+        batch["mask"] = place(np.stack([mask for _, mask in drawn]))
         active = step < totals
         state, metrics = step_fn(state, batch, keys, active)
         pending.append((step, active, metrics))
@@ -613,7 +631,7 @@ def train(*, params: PyTree, data, config: TrainConfig, stage: Stage | None = No
     stage = _resolve_stage(stage, aggregator, model, loss_fn, config)
     return _run(params=[params], data=[data], configs=[config], stage=stage,
                 stage_states=None, model=model, eval_data=eval_data, workdir=workdir,
-                resume=resume, snapshot_epochs=snapshot_epochs, stacked=False)[0]
+                resume=resume, snapshot_epochs=snapshot_epochs, stacked=False, mesh=None)[0]
 
 
 def train_stacked(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainConfig],
@@ -621,7 +639,7 @@ def train_stacked(*, params: Sequence[PyTree], data: Sequence, configs: Sequence
                   aggregator: optax.GradientTransformationExtraArgs | None = None,
                   stage_states: Sequence | None = None, model=None, loss_fn=None,
                   eval_data=None, workdir: str | None = None, resume: bool = True,
-                  snapshot_epochs: Sequence[int] = ()) -> list[TrainResult]:
+                  snapshot_epochs: Sequence[int] = (), mesh=None) -> list[TrainResult]:
     """Train M independent runs at once, one jitted step vmapped over the runs.
 
     Small models leave a CPU (or an accelerator) mostly idle between the
@@ -647,6 +665,12 @@ def train_stacked(*, params: Sequence[PyTree], data: Sequence, configs: Sequence
         finished), history.jsonl (per run and epoch, with "run"), snapshots and
         orbax checkpoints of the stacked state; ``resume`` continues from the
         latest.
+      mesh: a 1-D ``jax.sharding.Mesh`` (``gujax.sharding.run_mesh()``: every
+        local device) to split the run axis over, M / devices runs on each;
+        M must be a multiple of the mesh size. Runs never exchange values,
+        so each device steps its own runs and the models are those of an
+        unsharded call to rounding (tests/test_multidevice.py). None: the
+        default device.
 
     Returns:
       M ``TrainResult``s, in the order of the runs.
@@ -657,4 +681,4 @@ def train_stacked(*, params: Sequence[PyTree], data: Sequence, configs: Sequence
     stage = _resolve_stage(stage, aggregator, model, loss_fn, configs[0])
     return _run(params=params, data=data, configs=configs, stage=stage,
                 stage_states=stage_states, model=model, eval_data=eval_data, workdir=workdir,
-                resume=resume, snapshot_epochs=snapshot_epochs, stacked=True)
+                resume=resume, snapshot_epochs=snapshot_epochs, stacked=True, mesh=mesh)

@@ -3,6 +3,7 @@ experiments.cifar (on a generated image folder), the results schema, resume,
 the command line (refusing a folder in use, --overwrite, one-line errors,
 --help, Ctrl-C), the notebooks executed on the smoke results; the
 stacked-training benchmark."""
+import csv
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from experiments import cifar, comparison, digits, harness, stacked
+from experiments import cifar, comparison, digits, harness, report, stacked
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 PNGS = ("privacy_utility.png", "roc.png", "gnq_vs_attack.png")
@@ -32,6 +33,10 @@ def _check_results(out: pathlib.Path, arms: list[str]) -> dict:
         for key in ("test_accuracy", "train_accuracy", "mia_auc", "mia_tpr_at_0.1pct_fpr",
                     "mia_tpr_at_1pct_fpr", "refused_fraction", "loss_auc", "rmia_auc"):
             assert 0 <= row[key] <= 1, (key, row[key])
+        for key in comparison.INTERVAL_KEYS:
+            lo, hi = row[f"{key}_ci"]
+            assert 0 <= lo <= row[key] <= hi <= 1, (key, lo, row[key], hi)
+        assert row["test_accuracy_ci"][1] - row["test_accuracy_ci"][0] > 0.01
         assert 0 <= row["disclosure_mean_nats"] <= row["disclosure_max_nats"]
         assert row["wall_seconds"] > 0
         if row["kind"] == "dpsgd":
@@ -48,8 +53,16 @@ def _check_results(out: pathlib.Path, arms: list[str]) -> dict:
         assert per["disclosure"].shape == per["ids"].shape == per["lira_vulnerability"].shape
     lines = (out / "results.csv").read_text().splitlines()
     assert len(lines) == 1 + len(arms) and lines[0].startswith("arm,")
+    with open(out / "results.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [json.loads(r["mia_auc_ci"]) for r in csv_rows] == [
+        r["mia_auc_ci"] for r in results["arms"]]
     table = (out / "table.md").read_text()
     assert all(f"| {arm} |" in table for arm in arms)
+    first = results["arms"][0]
+    assert report.format_interval(first["test_accuracy"], first["test_accuracy_ci"]) in table
+    gnq = [r["arm"] for r in results["arms"] if r["kind"] in comparison.GNQ_KINDS]
+    assert sorted(results["verdicts"]["arms"]) == sorted(gnq)
     for name in PNGS:
         assert (out / name).stat().st_size > 1000, name
     return results
@@ -91,6 +104,71 @@ def test_resume_with_other_settings_names_them(digits_smoke, capsys):
     assert info.value.code == 2
     err = _one_line_error(capsys.readouterr().err)
     assert "config.epochs (saved 3, now 4)" in err and "--overwrite" in err
+
+
+def _row(arm, kind, accuracy, tpr, auc, **spec):
+    """A results row with the keys the verdicts and the figure read; each
+    interval is the value +- its half-width."""
+    (acc, da), (t, dt), (a, dauc) = accuracy, tpr, auc
+    return {"arm": arm, "kind": kind, "arm_spec": spec,
+            "test_accuracy": acc, "test_accuracy_ci": [acc - da, acc + da],
+            "mia_tpr_at_1pct_fpr": t, "mia_tpr_at_1pct_fpr_ci": [max(0.0, t - dt), t + dt],
+            "mia_auc": a, "mia_auc_ci": [a - dauc, a + dauc]}
+
+
+SYNTHETIC_ROWS = [
+    _row("sgd", "sgd", (0.94, 0.01), (0.10, 0.02), (0.70, 0.02)),
+    _row("dpsgd eps=8", "dpsgd", (0.83, 0.02), (0.019, 0.006), (0.55, 0.01), epsilon=8.0),
+    _row("dpsgd eps=1", "dpsgd", (0.30, 0.03), (0.013, 0.005), (0.49, 0.01), epsilon=1.0),
+    # Below DP-SGD's curve: as attackable as eps=8, less accurate.
+    _row("gnq-censor tau=8", "censor", (0.78, 0.02), (0.019, 0.006), (0.58, 0.01), budget=8.0),
+    # More accurate than eps=8 at an indistinguishable TPR, but a higher AUC.
+    _row("gnq-censor tau=16", "censor", (0.90, 0.015), (0.025, 0.007), (0.64, 0.01),
+         budget=16.0),
+]
+
+
+def test_verdicts_from_intervals():
+    found = comparison.verdicts(SYNTHETIC_ROWS)
+    tpr, auc = "mia_tpr_at_1pct_fpr", "mia_auc"
+    assert found["arms"] == {"gnq-censor tau=8": {tpr: "worse", auc: "worse"},
+                             "gnq-censor tau=16": {tpr: "better", auc: "trade-off"}}
+    pair = next(p for p in found["pairs"] if p["arm"] == "gnq-censor tau=8"
+                and p["against"] == "dpsgd eps=8" and p["attack"] == tpr)
+    assert (pair["verdict"], pair["accuracy"], pair["attack_order"]) == ("worse", -1, 0)
+    assert found["versus_sgd"]["gnq-censor tau=16"] == {tpr: -1, auc: -1}
+    text = comparison.verdict_text(SYNTHETIC_ROWS)
+    assert "**By LiRA TPR at 1% FPR**, the claim is supported (better than a DP-SGD arm, " \
+           "beaten by none, less attackable than SGD): gnq-censor tau=16; worse (beaten by " \
+           "a DP-SGD arm): gnq-censor tau=8." in text
+    assert "- gnq-censor tau=16 (test acc 0.900 [0.885, 0.915], AUC 0.640 [0.630, 0.650], " \
+           "below SGD's): **trade-off**" in text
+    # An attack interval overlapping SGD's: better than DP-SGD, but no privacy shown.
+    noisy = [dict(r) for r in SYNTHETIC_ROWS]
+    noisy[0]["mia_tpr_at_1pct_fpr_ci"] = [0.03, 0.2]
+    assert "not distinguishable from SGD either: gnq-censor tau=16." in \
+        comparison.verdict_text(noisy)
+    assert "No verdict" in comparison.verdict_text(SYNTHETIC_ROWS[:3])
+
+
+def test_families_are_ordered_and_plotted(tmp_path):
+    rows = SYNTHETIC_ROWS[2:] + SYNTHETIC_ROWS[:2]    # out of order on purpose
+    found = comparison.families(rows, "mia_tpr_at_1pct_fpr")
+    assert list(found) == ["DP-SGD", "GNQ censor", "SGD"]
+    assert [p.label for p in found["DP-SGD"]] == ["eps=1", "eps=8"]
+    assert [p.label for p in found["GNQ censor"]] == ["tau=8", "tau=16"]
+    assert found["DP-SGD"][1].x_interval == (0.013, 0.025)
+    path = tmp_path / "privacy_utility.png"
+    comparison.plot_privacy_utility(rows, str(path))
+    assert path.stat().st_size > 10_000
+
+
+def test_format_interval():
+    assert report.format_interval(0.717, [0.6954, 0.7391]) == "0.717 [0.695, 0.739]"
+    assert report.format_interval(2.0, [1.0, 3.0], "{:.1f}") == "2.0 [1.0, 3.0]"
+    assert report.format_interval(0.5, None) == "0.500"
+    assert report.format_interval(0.5, [None, 0.6]) == "0.500"
+    assert report.format_interval(None, [0.1, 0.2]) == "-"
 
 
 def _one_line_error(stderr: str) -> str:
@@ -298,3 +376,19 @@ def test_stacked_benchmark_smoke(tmp_path):
     assert (tmp_path / "stacked.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         stacked.main(["--preset", "smoke", "--workloads", "mnist"])
+
+
+def test_cifar_check_interval_and_verdict():
+    from scipy import stats
+    correct = np.array([True] * 64 + [False] * 36)
+    lo, hi = cifar.accuracy_interval(correct)
+    # Clopper-Pearson from its definition: beta quantiles.
+    assert lo == pytest.approx(stats.beta.ppf(0.025, 64, 37))
+    assert hi == pytest.approx(stats.beta.ppf(0.975, 65, 36))
+    row = {"published_accuracy": 0.67, "test_accuracy": 0.647, "test_accuracy_ci": [0.638, 0.657]}
+    assert cifar.check_verdict(row).endswith("interval reaches beyond 3")
+    row.update(test_accuracy=0.66, test_accuracy_ci=[0.65, 0.67])
+    assert cifar.check_verdict(row).endswith("the whole interval too")
+    row.update(test_accuracy=0.63, test_accuracy_ci=[0.62, 0.64])
+    assert cifar.check_verdict(row).endswith("more than 3 points off")
+    assert cifar.check_verdict({"published_accuracy": None}) is None

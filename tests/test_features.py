@@ -262,3 +262,25 @@ def test_dpsgd_without_its_ledger_trains_the_same_model():
                            with_ledger.params, without.params)
     assert ledger(without.aggregator_state) is None
     assert ledger(with_ledger.aggregator_state).disclosure.shape == (96,)
+
+
+def test_shadow_models_of_a_dpsgd_arm_without_ledger_report_no_disclosure(tmp_path):
+    from gujax.audit.shadow import audit_arm
+    rng = np.random.default_rng(0)
+
+    def split(n, name):
+        return Dataset(images=rng.normal(size=(n, 2, 2, 9)).astype(np.float32),
+                       labels=rng.integers(0, 10, n).astype(np.int32),
+                       ids=np.arange(n, dtype=np.int64),
+                       class_names=tuple(map(str, range(10))), name="f", split=name)
+
+    record, audit = audit_arm(
+        parse_arm("dpsgd:eps=4,ledger=false"), pool=split(60, "train"),
+        population=split(20, "test"), model=ScatterLinear(groups=None),
+        config=TrainConfig(epochs=1, batch_size=10, progress=False), num_models=3, seed=0,
+        workdir=str(tmp_path), progress=False, augmentations=("identity",),
+        models_at_once=3)
+    assert np.all(np.isnan(record.disclosure)) and not record.retired.any()
+    assert audit.disclosure_vs_vulnerability is None
+    assert np.all(np.isfinite(record.epsilon)) and np.all(record.epsilon <= 4 + 1e-6)
+    assert 0 <= audit.evaluations["lira_online"].auc <= 1

@@ -6,7 +6,7 @@ given, else on a new figure, and saves it to ``path`` if given.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -102,6 +102,94 @@ def plot_disclosure_vs_attack(disclosure, vulnerability, ax: Axes | None = None,
     ax.set_title(f"Spearman rho = {rho:.3f} (n = {int(keep.sum())})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if path is not None:
+        ax.figure.savefig(path, dpi=150)
+    return ax
+
+
+class TradeoffPoint(NamedTuple):
+    """One arm on a privacy/utility plane.
+
+    label: the point's annotation (e.g. "eps=3").
+    x, x_interval: the attack's success (e.g. TPR at 1% FPR, or AUC) and its
+      [lo, hi] confidence interval.
+    y, y_interval: the utility (test accuracy) and its interval.
+    """
+    label: str
+    x: float
+    x_interval: tuple[float, float]
+    y: float
+    y_interval: tuple[float, float]
+
+
+def _errors(values, intervals) -> np.ndarray:
+    """(2, K) distances to the interval ends (never negative: a percentile
+    interval need not contain its estimate)."""
+    values = np.asarray(values, dtype=np.float64)
+    intervals = np.asarray(intervals, dtype=np.float64).reshape(-1, 2)
+    return np.maximum(0.0, np.stack([values - intervals[:, 0], intervals[:, 1] - values]))
+
+
+def plot_tradeoff(families: Mapping[str, Sequence[TradeoffPoint]], ax: Axes | None = None,
+                  path=None, *, chance: float | None = None, log_x: bool = False,
+                  xlabel: str = "attack success", ylabel: str = "test accuracy",
+                  markers: Mapping[str, str] | None = None, title: str | None = None) -> Axes:
+    """Utility against attack success, one line per family of arms (e.g.
+    DP-SGD over epsilon), in the order given, each point with error bars
+    both ways and its label.
+
+    Args:
+      families: family name -> its points (``TradeoffPoint``), in curve order.
+      ax, path: as in ``plot_roc``.
+      chance: the attack's chance level, drawn as a vertical line (TPR at
+        an FPR f: f; AUC: 0.5).
+      log_x: log-scaled x axis (for TPR at low FPR). A value or interval end
+        at 0 cannot be shown there: it is drawn at half the smallest positive
+        x value, the axis's left end.
+      markers: family name -> matplotlib marker (default "o").
+
+    Returns:
+      The axes; the legend names the families.
+    """
+    if not families or not all(len(points) for points in families.values()):
+        raise ValueError("families must be non-empty, each with at least one point")
+    ax = _axes(ax, figsize=(5.5, 4.5))
+    everything = [v for points in families.values() for p in points
+                  for v in (p.x, *p.x_interval)]
+    if not all(np.isfinite(everything)):
+        raise ValueError("every x value and interval end must be finite")
+    floor = None
+    if log_x:
+        positive = [v for v in everything if v > 0] + ([chance] if chance else [])
+        if not positive:
+            raise ValueError("log_x needs a positive x value")
+        floor = 0.5 * min(positive)
+    for i, (name, points) in enumerate(families.items()):
+        x = np.array([p.x for p in points], np.float64)
+        x_interval = np.array([p.x_interval for p in points], np.float64)
+        if floor is not None:
+            x, x_interval = np.maximum(x, floor), np.maximum(x_interval, floor)
+        y = np.array([p.y for p in points], np.float64)
+        ax.errorbar(x, y, xerr=_errors(x, x_interval),
+                    yerr=_errors(y, [p.y_interval for p in points]),
+                    fmt=(markers or {}).get(name, "o") + "-", color=f"C{i % 10}", ms=6,
+                    capsize=2, lw=1.2, elinewidth=0.8, label=name)
+        for p, px in zip(points, x):
+            ax.annotate(p.label, (px, p.y), xytext=(4, 4), textcoords="offset points",
+                        fontsize=7, color=f"C{i % 10}")
+    if chance is not None:
+        ax.axvline(chance, ls="--", c="gray", lw=0.8)
+        ax.annotate("chance", (chance, 0), xycoords=("data", "axes fraction"),
+                    xytext=(3, 4), textcoords="offset points", fontsize=7, color="gray")
+    if log_x:
+        ax.set_xscale("log")
+        ax.set_xlim(left=floor * 0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both" if log_x else "major")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize="small")
     if path is not None:
         ax.figure.savefig(path, dpi=150)
     return ax

@@ -6,7 +6,9 @@ each layer's contribution to the B x B Gram matrix of per-example gradients
 is computed by a per-layer rule (``rules``) either as a ghost kernel or by
 materialising that layer alone, whichever costs less (``gram``). DP-SGD
 needs only the diagonal (``clipping``). ``gujax.engine.ghost_engine`` plugs
-them into training stages. Every result equals the explicit
+them into training stages. Linen and NNX models alike (NNX: ``loss_fn(state,
+example)`` merging ``nnx.split(model)``'s graphdef and state; see
+docs/models.md), through one registry of rules. Every result equals the explicit
 ``gujax.gram(gujax.per_example_grads(...))`` path to rounding.
 """
 from gujax.ghost.capture import Tape, capture

@@ -3,7 +3,9 @@
 The batch loss is the sum of per-example losses, so its gradient with respect
 to a layer's output y_j is example j's own d_j = dLoss_j / dy_j. We add a zero
 ``perturbation`` to the output of every layer that owns parameters (found by
-``flax.linen.intercept_methods``, no change to the model) and take one
+``flax.linen.intercept_methods`` for Linen; for NNX, which has no
+interception of its own, by wrapping the methods of the nnx.Module classes
+while the loss is traced; no change to the model) and take one
 ``jax.vjp`` of the batch loss with respect to those perturbations: it yields
 every layer's d_j, and the forward pass hands back each layer's inputs. The
 parameters themselves are not differentiated, so this backward pass does not
@@ -12,8 +14,8 @@ even form the batch weight gradient.
 From the captured inputs and output gradients, each layer's per-example
 gradients are available without materialising them for the whole model:
 
-* rule layers (``gujax.ghost.rules``: Dense, Conv, Embed) as two factors, for
-  ghost kernels;
+* rule layers (``gujax.ghost.rules``: Dense, Conv, Embed and their NNX
+  twins Linear, Conv, Embed) as two factors, for ghost kernels;
 * any other layer that owns its parameters directly (LayerNorm, GroupNorm,
   DenseGeneral, a custom layer) by re-running that layer alone, vmapped over
   examples, and pulling d_j back to its parameters (the "local rule"; cheap for
@@ -23,6 +25,11 @@ gradients are available without materialising them for the whole model:
   collections or tuple outputs, parameters transformed before use) by an
   explicit ``vmap(grad)`` restricted to those leaves (the "fallback").
 
+An NNX model enters as for ``gujax.per_example_grads``: ``graphdef, state =
+nnx.split(model)`` and ``loss_fn(state, example)`` calls
+``nnx.merge(graphdef, state)``; its layers are found through the parameter
+arrays they hold, so their paths are the state's (e.g. "blocks/0/mlp").
+
 Assumption, as for ``gujax.per_example_grads``: ``loss_fn(params, example)``
 is one example's loss and examples do not interact (no BatchNorm).
 """
@@ -30,10 +37,15 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
+import functools
+import inspect
+import threading
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,18 +62,21 @@ _SKIPPED_METHODS = ("setup", "__post_init__")
 class Site(NamedTuple):
     """One outermost call of a layer's method, as seen at trace time.
 
-    ``module`` is an unbound copy of the layer, so the call can be re-run on
-    its own: ``module.apply({'params': p}, *args, method=method, **kwargs)``.
-    The call's (args, kwargs) leaves are split into the arrays (captured per
-    example, positions ``dynamic``) and everything else (``static``).
+    ``module`` holds the layer's configuration for its rule (an unbound Linen
+    copy, or an NNX copy whose parameters are shape-only), and
+    ``apply(direct, method, args, kwargs)`` re-runs the call on its own with
+    parameters ``direct`` ({name: array}). The call's (args, kwargs) leaves
+    are split into the arrays (captured per example, positions ``dynamic``)
+    and everything else (``static``).
     """
     key: str
-    module: nn.Module
+    module: Any
     method: str
     args_treedef: Any
     static: tuple
     dynamic: tuple[int, ...]
     out: jax.ShapeDtypeStruct  # per example (no batch axis)
+    apply: Callable[[dict, str, tuple, dict], jax.Array]
 
     def call_args(self, dynamic_leaves):
         leaves = list(self.static)
@@ -121,33 +136,164 @@ def _is_array(leaf) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray))
 
 
-def _make_interceptor(on_call):
-    """Intercept each outermost call of a module (nested calls on the same
-    module pass through), count calls per module path, and let
-    ``on_call(key, context, args, kwargs, out)`` replace the output."""
-    active, counts = set(), collections.Counter()
+class _Call(NamedTuple):
+    """A framework-neutral view of one intercepted method call.
 
-    def interceptor(next_fun, args, kwargs, context):
-        path = context.module.path
-        if path in active or context.method_name in _SKIPPED_METHODS:
+    path: the module's place in the model, stable across traces (Linen's
+      module path; for NNX, found from the parameter leaves it holds, None
+      when it holds none of ``params``' leaves).
+    direct: {name: array} the parameters the module owns directly.
+    usable: whether those are all its variables and all leaves of ``params``
+      (no child layers with parameters, no other collections).
+    """
+    path: tuple | None
+    module: Any
+    method: str
+    direct: dict
+    usable: bool
+    unbound: Callable[[], tuple[Any, Callable]]  # -> (config copy, apply(p, method, args, kwargs))
+
+
+def _linen_call(context, index_of) -> _Call:
+    module = context.module
+    variables = module.variables
+    own = variables.get("params", {})
+    direct = {n: v for n, v in own.items() if not isinstance(v, collections.abc.Mapping)}
+    usable = (all(id(v) in index_of for v in direct.values())
+              and len(direct) == len(own) and set(variables) == {"params"})
+    def unbound():
+        copy = module.clone(parent=None)
+        return copy, lambda p, method, args, kwargs: copy.apply({"params": p}, *args,
+                                                                method=method, **kwargs)
+    return _Call(module.path, module, context.method_name, direct, usable, unbound)
+
+
+def _nnx_call(module, method, index_of, leaf_paths) -> _Call:
+    direct = {n: v.get_value() for n, v in vars(module).items() if isinstance(v, nnx.Param)}
+    direct = {n: v for n, v in direct.items() if _is_array(v)}
+    matched = [n for n, v in direct.items() if id(v) in index_of]
+    path = None
+    if matched:
+        # The module's path is its parameter's path in the state, up to the
+        # parameter's own name.
+        leaf = leaf_paths[index_of[id(direct[matched[0]])]]
+        names = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in leaf]
+        cut = max(i for i, n in enumerate(names) if n == matched[0])
+        path = tuple(str(n) for n in names[:cut])
+    everything = jax.tree_util.tree_leaves(nnx.state(module))
+    usable = (len(matched) == len(direct) == len(everything)
+              and len(jax.tree_util.tree_leaves(nnx.state(module, nnx.Param))) == len(everything))
+
+    def unbound():
+        graphdef, state = nnx.split(module)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+        order = [str(getattr(p[0], "key", p[0])) for p, _ in flat]
+        # A copy with shape-only parameters: the rule reads its configuration
+        # and no tracer of this trace outlives it.
+        copy = nnx.merge(graphdef, jax.tree_util.tree_unflatten(
+            treedef, [jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for _, a in flat]))
+
+        def apply(p, method, args, kwargs):
+            layer = nnx.merge(graphdef, jax.tree_util.tree_unflatten(
+                treedef, [p[name] for name in order]))
+            return getattr(layer, method)(*args, **kwargs)
+        return copy, apply
+    return _Call(path, module, method, direct, usable, unbound)
+
+
+_NNX_LOCK = threading.RLock()
+_NNX_HANDLERS: list = []
+_NNX_PATCHED: dict = {}
+
+
+def _nnx_classes():
+    """Every nnx.Module subclass defined so far (NNX has no method
+    interception of its own, so capture wraps these classes' methods)."""
+    seen, todo = [], list(nnx.Module.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.append(cls)
+            todo.extend(cls.__subclasses__())
+    return seen
+
+
+def _wrap_nnx(name, fun):
+    @functools.wraps(fun)
+    def wrapped(self, *args, **kwargs):
+        if not _NNX_HANDLERS:
+            return fun(self, *args, **kwargs)
+        handler = _NNX_HANDLERS[-1]
+        return handler(lambda *a, **k: fun(self, *a, **k), args, kwargs, self, name)
+    wrapped._gujax_original = fun
+    return wrapped
+
+
+@contextlib.contextmanager
+def _intercept_nnx(handler):
+    """While active, every public method (and ``__call__``) of every NNX
+    module class calls ``handler(next_fun, args, kwargs, module, name)``.
+    The classes are restored on exit; trace-time only, so the cost is nil."""
+    with _NNX_LOCK:
+        if not _NNX_HANDLERS:
+            for cls in _nnx_classes():
+                for name, fun in list(vars(cls).items()):
+                    if (inspect.isfunction(fun) and (name == "__call__" or not name.startswith("_"))
+                            and not hasattr(fun, "_gujax_original")):
+                        _NNX_PATCHED[(cls, name)] = fun
+                        setattr(cls, name, _wrap_nnx(name, fun))
+        _NNX_HANDLERS.append(handler)
+        try:
+            yield
+        finally:
+            _NNX_HANDLERS.pop()
+            if not _NNX_HANDLERS:
+                for (cls, name), fun in _NNX_PATCHED.items():
+                    setattr(cls, name, fun)
+                _NNX_PATCHED.clear()
+
+
+@contextlib.contextmanager
+def _intercept(on_call, params_leaves, leaf_paths):
+    """Intercept each outermost call of a module, Linen or NNX (nested calls
+    on the same module pass through), count calls per module path, and let
+    ``on_call(key, call, args, kwargs, out)`` replace the output."""
+    active, counts = set(), collections.Counter()
+    index_of = {id(leaf): i for i, leaf in enumerate(params_leaves)}
+
+    def around(next_fun, args, kwargs, ident, method, describe):
+        if ident in active or method in _SKIPPED_METHODS:
             return next_fun(*args, **kwargs)
-        active.add(path)
+        active.add(ident)
         try:
             out = next_fun(*args, **kwargs)
         finally:
-            active.discard(path)
-        key = _key(path, counts[path])
-        counts[path] += 1
-        return on_call(key, context, args, kwargs, out)
+            active.discard(ident)
+        call = describe()
+        if call.path is None:
+            return out
+        key = _key(call.path, counts[call.path])
+        counts[call.path] += 1
+        return on_call(key, call, args, kwargs, out)
 
-    return interceptor
+    def linen(next_fun, args, kwargs, context):
+        return around(next_fun, args, kwargs, ("linen", context.module.path),
+                      context.method_name, lambda: _linen_call(context, index_of))
+
+    def nnx_handler(next_fun, args, kwargs, module, method):
+        return around(next_fun, args, kwargs, ("nnx", id(module)), method,
+                      lambda: _nnx_call(module, method, index_of, leaf_paths))
+
+    with nn.intercept_methods(linen), _intercept_nnx(nnx_handler):
+        yield
 
 
 class _Record:
     """Trace-time notes on one module (mutable, discovery only)."""
 
-    def __init__(self, module, params, usable):
-        self.module, self.params, self.usable, self.sites = module, params, usable, []
+    def __init__(self, module, apply, params, usable):
+        self.module, self.apply, self.params, self.usable = module, apply, params, usable
+        self.sites = []
 
 
 def make_plan(loss_fn: LossFn, params: PyTree, example: PyTree) -> Plan:
@@ -158,40 +304,35 @@ def make_plan(loss_fn: LossFn, params: PyTree, example: PyTree) -> Plan:
       params: the parameter pytree.
       example: one example (arrays or ShapeDtypeStructs, no batch axis).
     """
-    leaves, treedef = jax.tree_util.tree_flatten(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in flat]
+    leaf_paths = [path for path, _ in flat]
     records: dict[tuple, _Record] = {}
 
     def traced(leaves_in, ex):
         index_of = {id(leaf): i for i, leaf in enumerate(leaves_in)}
 
-        def on_call(key, context, args, kwargs, out):
-            module = context.module
-            variables = module.variables
-            own = variables.get("params", {})
-            direct = {n: v for n, v in own.items()
-                      if not isinstance(v, collections.abc.Mapping)}
-            if not direct:
+        def on_call(key, call, args, kwargs, out):
+            if not call.direct:
                 return out
-            record = records.get(module.path)
+            record = records.get(call.path)
             if record is None:
-                indices = {n: index_of.get(id(v)) for n, v in direct.items()}
-                usable = (None not in indices.values()
-                          and len(direct) == len(own)  # no child layers
-                          and set(variables) == {"params"})
-                record = records[module.path] = _Record(
-                    module.clone(parent=None), indices, usable)
-            flat, args_treedef = jax.tree_util.tree_flatten((args, kwargs))
-            dynamic = tuple(i for i, leaf in enumerate(flat) if _is_array(leaf))
-            static = tuple(None if i in dynamic else leaf for i, leaf in enumerate(flat))
+                module, apply = call.unbound()
+                record = records[call.path] = _Record(
+                    module, apply, {n: index_of.get(id(v)) for n, v in call.direct.items()},
+                    call.usable)
+            flat_args, args_treedef = jax.tree_util.tree_flatten((args, kwargs))
+            dynamic = tuple(i for i, leaf in enumerate(flat_args) if _is_array(leaf))
+            static = tuple(None if i in dynamic else leaf for i, leaf in enumerate(flat_args))
             if not (isinstance(out, jax.Array) and jnp.issubdtype(out.dtype, jnp.inexact)):
                 record.usable = False
                 return out
             record.sites.append(Site(
-                key, record.module, context.method_name, args_treedef, static,
-                dynamic, jax.ShapeDtypeStruct(out.shape, out.dtype)))
+                key, record.module, call.method, args_treedef, static,
+                dynamic, jax.ShapeDtypeStruct(out.shape, out.dtype), record.apply))
             return out
 
-        with nn.intercept_methods(_make_interceptor(on_call)):
+        with _intercept(on_call, leaves_in, leaf_paths):
             return loss_fn(jax.tree_util.tree_unflatten(treedef, leaves_in), ex)
 
     out = jax.eval_shape(traced, leaves, example)
@@ -219,7 +360,7 @@ def make_plan(loss_fn: LossFn, params: PyTree, example: PyTree) -> Plan:
 def _site_apply(site: Site, direct: dict, dynamic_leaves) -> jax.Array:
     """Re-run one captured call of a layer on its own with parameters ``direct``."""
     args, kwargs = site.call_args(dynamic_leaves)
-    return site.module.apply({"params": direct}, *args, method=site.method, **kwargs)
+    return site.apply(direct, site.method, args, kwargs)
 
 
 def direct_params(layer: Layer, leaves: list) -> dict:
@@ -255,14 +396,15 @@ def _forward(plan: Plan, loss_fn: LossFn, params: PyTree, perturbations: dict, e
     sites = plan.site_shapes()
     captured = {}
 
-    def on_call(key, context, args, kwargs, out):
+    def on_call(key, call, args, kwargs, out):
         if key not in sites:
             return out
         flat = jax.tree_util.tree_leaves((args, kwargs))
         captured[key] = [leaf for leaf in flat if _is_array(leaf)]
         return out + perturbations[key]
 
-    with nn.intercept_methods(_make_interceptor(on_call)):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    with _intercept(on_call, [leaf for _, leaf in flat], [path for path, _ in flat]):
         loss = loss_fn(params, example)
     return loss, captured
 

@@ -16,9 +16,14 @@ feature groups; 1 otherwise); group g's weight gradient is X_jg^T D_jg. The
 order of features inside a factor does not matter to inner products, so rules
 never need to reproduce the parameter layout.
 
-A rule is registered in ``RULES`` under the exact Flax class it handles; a
-layer whose class is absent, or whose configuration ``supports`` rejects, is
-handled by the generic local rule in ``gujax.ghost.capture`` instead.
+A rule is registered in ``RULES`` under the exact Flax class it handles,
+Linen (``nn.Dense``, ``nn.Conv``, ``nn.Embed``) or NNX (``nnx.Linear``,
+``nnx.Conv``, ``nnx.Embed``): the two APIs configure a layer with the same
+attribute names, so one ``factors`` function serves both and only
+``supports`` (which options make a layer something other than x W + b)
+differs. A layer whose class is absent, or whose configuration ``supports``
+rejects, is handled by the generic local rule in ``gujax.ghost.capture``
+instead.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
+from flax import nnx
 import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
@@ -50,8 +56,8 @@ class Rule(NamedTuple):
     (whatever per-example shape the model gave it); ``d`` the gradient of the
     batch loss with respect to the layer's output, same leading axis.
     """
-    supports: Callable[[nn.Module], bool]
-    factors: Callable[[nn.Module, Array, Array], Factors]
+    supports: Callable[[Any], bool]
+    factors: Callable[[Any, Array, Array], Factors]
 
 
 def _positions(a: Array, features: int) -> Array:
@@ -67,6 +73,10 @@ def _dense_supports(module: nn.Dense) -> bool:
 def _dense_factors(module: nn.Dense, inputs: Array, d: Array) -> Factors:
     return Factors(_positions(inputs, inputs.shape[-1]),
                    _positions(d, d.shape[-1]), module.use_bias)
+
+
+def _nnx_linear_supports(module: nnx.Linear) -> bool:
+    return module.dot_general is jax.lax.dot_general
 
 
 def _embed_supports(module: nn.Embed) -> bool:
@@ -95,6 +105,10 @@ def _conv_supports(module: nn.Conv) -> bool:
     return (module.shared_weights and module.mask is None
             and module.conv_general_dilated is None
             and module.conv_general_dilated_cls is None)
+
+
+def _nnx_conv_supports(module: nnx.Conv) -> bool:
+    return module.mask is None and module.conv_general_dilated is jax.lax.conv_general_dilated
 
 
 def _conv_factors(module: nn.Conv, inputs: Array, d: Array) -> Factors:
@@ -137,10 +151,13 @@ RULES: dict[type, Rule] = {
     nn.Dense: Rule(_dense_supports, _dense_factors),
     nn.Conv: Rule(_conv_supports, _conv_factors),
     nn.Embed: Rule(_embed_supports, _embed_factors),
+    nnx.Linear: Rule(_nnx_linear_supports, _dense_factors),
+    nnx.Conv: Rule(_nnx_conv_supports, _conv_factors),
+    nnx.Embed: Rule(_embed_supports, _embed_factors),
 }
 
 
-def rule_for(module: nn.Module) -> Rule | None:
+def rule_for(module) -> Rule | None:
     """The rule for this exact layer class and configuration, or None."""
     rule = RULES.get(type(module))
     if rule is None or not rule.supports(module):

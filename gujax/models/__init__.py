@@ -9,8 +9,9 @@ batch and answers in kind; see docs/models.md.
 from gujax.models.cnn import SmallCNN
 from gujax.models.common import param_count
 from gujax.models.mlp import MLP
+from gujax.models.nnx import to_nnx
 from gujax.models.scatter import ScatterCNN, ScatterLinear
 from gujax.models.transformer import TransformerLM
 from gujax.models.wrn import WideResNet
 
-__all__ = ["MLP", "ScatterCNN", "ScatterLinear", "SmallCNN", "TransformerLM", "WideResNet", "param_count"]
+__all__ = ["MLP", "ScatterCNN", "ScatterLinear", "SmallCNN", "TransformerLM", "WideResNet", "param_count", "to_nnx"]

@@ -24,9 +24,10 @@ anything is trained or written.
 """
 from __future__ import annotations
 
+import jax
 from tqdm.auto import tqdm
 
-from gujax import checks
+from gujax import checks, sharding
 from gujax.arms import Arm
 from gujax.audit.shadow.attacks import ShadowAudit, attack, mean_over_members
 from gujax.audit.shadow.record import (AUGMENTATIONS, ShadowModel, ShadowRecord,
@@ -61,7 +62,8 @@ def _models(group) -> str:
 def run_shadow_models(arm: Arm | ShadowSpec, *, pool: Dataset, population: Dataset,
                       workdir: str, resume: bool = True, checkpoints: bool = True,
                       models_at_once: int = 1, progress: bool = True,
-                      **spec_fields) -> ShadowRecord:
+                      share: tuple[int, int] | None = None,
+                      **spec_fields) -> ShadowRecord | None:
     """Train (resumably) the shadow models of an arm on random halves of
     ``pool`` and collect what the attacks need.
 
@@ -85,27 +87,45 @@ def run_shadow_models(arm: Arm | ShadowSpec, *, pool: Dataset, population: Datas
         MLPs train about 2x faster 6 at a time on 2 CPU cores
         (``python -m experiments.stacked``); a killed run resumes group by
         group.
+        With several local devices and ``models_at_once`` a multiple of
+        their number, each group is split over them
+        (``gujax.sharding.run_mesh``; the same models to rounding).
       progress: show a bar over the models, naming the group in training
         (the trainer's own bar over that group's steps is
         ``config.progress``).
+      share: (process index, process count): train only the models m with
+        m % count == index (``gujax.sharding.process_share``), e.g. one
+        share per host of a shared ``workdir``; each share resumes on its
+        own. Default: ``jax.process_index()``, ``jax.process_count()``,
+        i.e. every model in one process, and under
+        ``jax.distributed.initialize()`` each host its share, the hosts
+        waiting for each other before the record is assembled.
 
     Returns:
       ``ShadowRecord``: the models trained by this call as they are in
-      memory, those finished by an earlier call read from ``workdir``.
+      memory, those finished by an earlier call (or another share) read from
+      ``workdir``; None if an explicit ``share`` leaves models of other
+      shares unfinished (``load_shadow_record`` once they are done).
     """
     spec = ShadowSpec.of(arm, **spec_fields)
     models_at_once = checks.positive_int(models_at_once, "models_at_once")
     trainer = ShadowTrainer(spec, pool=pool, population=population)
+    index, count = share if share is not None else (jax.process_index(), jax.process_count())
+    if count > 1 and not resume:
+        raise ValueError("resume=False would delete the other shares' models; clear the "
+                         "workdir once, then run every share with resume=True")
     store = ShadowStore.open(workdir, identity(spec, pool, population), resume=resume)
     done = store.finished()
-    todo = [m for m in range(spec.num_models) if m not in done]
+    mine = sharding.process_share(range(spec.num_models), process_index=index,
+                                  process_count=count)
+    todo = [m for m in mine if m not in done]
     trained = {}
     with tqdm(desc=f"shadow models [{spec.arm.name}]", disable=not progress,
-              initial=len(done), total=spec.num_models) as bar:
+              initial=len(mine) - len(todo), total=len(mine)) as bar:
         for i in range(0, len(todo), models_at_once):
             group = todo[i:i + models_at_once]
             bar.set_postfix_str(f"training {_models(group)}")
-            with store.training(group) as checkpoint_dir:
+            with store.training(group, share=(index, count)) as checkpoint_dir:
                 models = trainer.train(group,
                                        checkpoint_dir=checkpoint_dir if checkpoints else None)
                 for m, model in zip(group, models):
@@ -113,6 +133,12 @@ def run_shadow_models(arm: Arm | ShadowSpec, *, pool: Dataset, population: Datas
             trained.update(zip(group, models))
             bar.update(len(group))
         bar.set_postfix_str("")
+    if share is None and count > 1:
+        # Under jax.distributed every host waits for the others' shares.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"gujax shadow models {workdir}")
+    elif len(store.finished()) < spec.num_models:
+        return None
     return store.record(trained, pool=pool, population=population, in_mask=trainer.in_mask)
 
 

@@ -32,13 +32,14 @@ class ShadowAudit(NamedTuple):
       disclosure (N,): mean D_j (nats) over the models that trained on j
         (NaN if none did).
       disclosure_vs_vulnerability: Spearman rho and top-k precision of
-        disclosure against vulnerability.
+        disclosure against vulnerability; None when fewer than 3 examples
+        have both (a run that kept no disclosure ledger).
     """
     evaluations: dict[str, AttackEvaluation]
     lira_scores: np.ndarray
     vulnerability: np.ndarray
     disclosure: np.ndarray
-    disclosure_vs_vulnerability: DisclosureVsVulnerability
+    disclosure_vs_vulnerability: DisclosureVsVulnerability | None
 
 
 def _true_label_probability(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -99,6 +100,8 @@ def attack(record: ShadowRecord, *, augmentations=None, global_variance: bool | 
     # top-k is over the examples that have both a D_j and a LiRA score.
     both = int(np.sum(np.isfinite(disclosure) & np.isfinite(vulnerability)))
     ks = tuple(k for k in ks if k <= both) or (1,)
-    relation = disclosure_vs_vulnerability(disclosure, vulnerability, ks=ks)
+    # A run that kept no ledger (DP-SGD with ledger=False) has no D_j at all.
+    relation = (disclosure_vs_vulnerability(disclosure, vulnerability, ks=ks)
+                if both >= 3 else None)
     return ShadowAudit(evaluations, np.asarray(online.scores), vulnerability, disclosure,
                        relation)

@@ -155,17 +155,23 @@ class ShadowStore:
             return ShadowModel({k: arrays[k] for k in MODEL_ARRAYS}, json.load(summary))
 
     @contextlib.contextmanager
-    def training(self, models: Sequence[int]) -> Iterator[str]:
+    def training(self, models: Sequence[int], *, share: tuple[int, int] = (0, 1)
+                 ) -> Iterator[str]:
         """The checkpoint folder of a group of models while it trains.
 
-        Groups train in order, so only the first unfinished one can have left
-        checkpoints worth resuming; others (from a run with another grouping)
-        are removed. The folder goes when the block completes, and stays for
-        the next call if it raises.
+        Groups train in order, so only the first unfinished one of a share
+        (``gujax.sharding.process_share``; (0, 1) is every model) can have
+        left checkpoints worth resuming; the share's others (from a run with
+        another grouping) are removed, other shares' folders are left to
+        them. The folder goes when the block completes, and stays for the
+        next call if it raises.
         """
-        name = f"training_{models[0]:03d}-{models[-1]:03d}"
+        index, count = share
+        tag = "" if count == 1 else f"_share{index}of{count}"
+        name = f"training_{models[0]:03d}-{models[-1]:03d}{tag}"
         for stale in os.listdir(self.workdir):
-            if stale.startswith("training_") and stale != name:
+            if stale.startswith("training_") and stale != name and (count == 1
+                                                                   or stale.endswith(tag)):
                 shutil.rmtree(os.path.join(self.workdir, stale), ignore_errors=True)
         path = os.path.join(self.workdir, name)
         yield path

@@ -25,6 +25,7 @@ from gujax.arms import build_pipeline, ledger
 from gujax.audit.shadow.record import AUGMENTATIONS, ShadowModel, ShadowSpec
 from gujax.data.dataset import Dataset, model_inputs
 from gujax.data.splits import shadow_membership
+from gujax.sharding import run_mesh
 from gujax.train import softmax_cross_entropy, train_stacked
 
 
@@ -105,6 +106,13 @@ class _Fitted(NamedTuple):
     final_loss: float | None
 
 
+def _group_mesh(runs: int):
+    """The local devices' run mesh when a group splits evenly over several
+    of them, else None (one device: nothing to split)."""
+    devices = jax.local_devices()
+    return run_mesh(devices) if len(devices) > 1 and runs % len(devices) == 0 else None
+
+
 def _fit_group(spec: ShadowSpec, runs: Sequence[_Run], *, pool: Dataset,
                checkpoint_dir: str | None) -> tuple[list[_Fitted], float]:
     """Train ``runs`` together (one vmapped step); (fitted models, wall seconds).
@@ -132,7 +140,8 @@ def _fit_group(spec: ShadowSpec, runs: Sequence[_Run], *, pool: Dataset,
         params=[r.params for r in runs], stage=first.stage,
         stage_states=[p.stage.init(r.params) for r, p in zip(runs, pipelines)],
         data=[(pool.images[r.rows], pool.labels[r.rows], r.rows) for r in runs],
-        configs=configs, model=spec.model, workdir=checkpoint_dir, resume=True)
+        configs=configs, model=spec.model, workdir=checkpoint_dir, resume=True,
+        mesh=_group_mesh(len(runs)))
     jax.block_until_ready([r.params for r in results])
     wall = time.perf_counter() - start
     fitted = []
