@@ -146,7 +146,7 @@ def test_verdicts_from_intervals():
     # An attack interval overlapping SGD's: better than DP-SGD, but no privacy shown.
     noisy = [dict(r) for r in SYNTHETIC_ROWS]
     noisy[0]["mia_tpr_at_1pct_fpr_ci"] = [0.03, 0.2]
-    assert "not distinguishable from SGD either: gnq-censor tau=16." in \
+    assert "not distinguishable from SGD either: gnq-censor tau=16" in \
         comparison.verdict_text(noisy)
     assert "No verdict" in comparison.verdict_text(SYNTHETIC_ROWS[:3])
 
