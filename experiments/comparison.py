@@ -230,9 +230,7 @@ def markdown_table(rows: list[dict], settings: ComparisonSettings, pool_n: int,
                    population_n: int) -> str:
     """The headline table, with the run's settings above it and the verdicts
     read from its intervals (``verdict_text``) below it."""
-    lines = [f"# {settings.dataset} / {settings.preset}", ""]
-    if settings.note:
-        lines += [settings.note, ""]
+    lines = settings.heading(f"{settings.dataset} / {settings.preset}")
     lines += [f"{settings.num_models} shadow models per arm, model {settings.model}, "
               f"{settings.epochs} epochs, batch {settings.batch_size}, pool "
               f"{pool_n} examples, population {population_n}. "
@@ -331,7 +329,7 @@ def verdict_text(rows: list[dict]) -> str:
             "not distinguishable": [a for a, v in summary.items()
                                     if v == "not distinguishable"],
             "trade-off only": [a for a, v in summary.items() if v == "trade-off"]}
-        lines.append(f"**By {name}**, the claim is " + "; ".join(
+        lines.append(f"**The claim, by {name}**: " + "; ".join(
             f"{group}: {', '.join(members)}" for group, members in groups.items() if members)
             + ".")
         lines.append("")

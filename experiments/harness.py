@@ -246,6 +246,10 @@ class Settings:
             raise ValueError("--data-dir does not apply to --dataset digits (embedded in "
                              "scikit-learn)")
 
+    def heading(self, title: str) -> list[str]:
+        """A results table's first lines: ``# title`` and the preset's note."""
+        return [f"# {title}", ""] + ([self.note, ""] if self.note else [])
+
     def record(self) -> dict:
         """The settings as a results file records them: all fields but the
         model settings the chosen model does not read (``MODEL_FIELDS``)."""

@@ -138,7 +138,7 @@ def test_verdicts_from_intervals():
     assert (pair["verdict"], pair["accuracy"], pair["attack_order"]) == ("worse", -1, 0)
     assert found["versus_sgd"]["gnq-censor tau=16"] == {tpr: -1, auc: -1}
     text = comparison.verdict_text(SYNTHETIC_ROWS)
-    assert "**By LiRA TPR at 1% FPR**, the claim is supported (better than a DP-SGD arm, " \
+    assert "**The claim, by LiRA TPR at 1% FPR**: supported (better than a DP-SGD arm, " \
            "beaten by none, less attackable than SGD): gnq-censor tau=16; worse (beaten by " \
            "a DP-SGD arm): gnq-censor tau=8." in text
     assert "- gnq-censor tau=16 (test acc 0.900 [0.885, 0.915], AUC 0.640 [0.630, 0.650], " \

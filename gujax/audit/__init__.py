@@ -7,3 +7,8 @@ from gujax.audit.plots import plot_disclosure_vs_attack, plot_roc
 from gujax.audit.vulnerability import (DisclosureVsVulnerability,
                                        disclosure_vs_vulnerability,
                                        per_example_vulnerability)
+from gujax.audit.canaries import (CanaryRun, CanarySet, canary_membership, dirac_canaries,
+                                  insert_canaries, make_canaries, mislabelled_canaries,
+                                  ood_canaries, train_canary_runs)
+from gujax.audit.epsilon import (OneRunBound, attack_auc, best_one_run_epsilon,
+                                 epsilon_lower_bound, multi_run_epsilon, one_run_epsilon)

@@ -1,0 +1,303 @@
+"""Canaries for privacy auditing: examples planted in a training set, each
+included or left out at random, whose inclusion an auditor then guesses
+(``gujax.audit.epsilon`` turns the guesses into an epsilon lower bound).
+
+    canaries = make_canaries("mislabel", source=held_out, num=32, seed=0, copies=4)
+    in_mask = canary_membership(len(canaries), num_runs=8, seed=1)     # (R, n) bool
+    images, labels, rows = insert_canaries(base.images, base.labels, canaries, in_mask[r])
+    runs = train_canary_runs(arm, model=model, config=config,
+                             sets=[(images, labels), ...], seeds=[...])
+
+Kinds (``KINDS``):
+
+- ``mislabel``: real images (from a set disjoint from the training and test
+  data) with a label drawn uniformly among the wrong ones: memorised only
+  by fitting the example itself.
+- ``ood``: out-of-distribution inputs, uniform pixel noise, each with a
+  label drawn uniformly at random (or one fixed label): a random label per
+  canary keeps the included canaries from teaching the model the label of
+  the left-out ones.
+- ``dirac``: the input-space form of a Dirac gradient canary (Nasr et al.
+  2023), for white-box audits of a model whose first layer is dense on the
+  flattened input (``gujax.models.MLP``): an image that is 0 except one pixel
+  at 255, at the pixels the data light least, with a random label. Its
+  gradient on the first layer's kernel lies in that pixel's row alone, a row
+  the other examples (almost) never touch, so the row's change from
+  initialisation says whether the canary was trained on
+  (``gujax.audit.epsilon.dirac_scores``). The training step computes the
+  gradients itself, so a canary written directly in gradient space is not
+  possible; this is the closest the algorithm allows.
+
+Every kind takes ``copies`` = k: an included canary enters the training set
+as k rows of identical content and distinct ids (positions), so copies can
+share a batch. GNQ measures how much of an example's gradient the rest of
+the batch does not explain; a copy in the same batch explains it entirely,
+and each copy has its own per-example budget, so duplication is the natural
+way to slip a canary past the GNQ censor (``experiments.audit_epsilon``
+measures how far it goes for k = 1, 2, 4, 8).
+
+Membership: ``canary_membership`` draws every (run, canary) bit
+independently with probability 1/2 from a fixed seed (never a balanced
+design: see docs/audit.md, "Shadow masks").
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from gujax import checks
+from gujax.arms import build_pipeline, ledger
+from gujax.data.dataset import Dataset, model_inputs
+from gujax.train import softmax_cross_entropy, train_stacked
+
+KINDS = ("mislabel", "ood", "dirac")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CanarySet:
+    """n canaries of one kind.
+
+    kind: one of ``KINDS``.
+    images: (n, H, W, C) uint8, one image per canary.
+    labels: (n,) int32, the label each canary is trained (and scored) with.
+    ids: (n,) int64 canary ids 0..n-1 (the canary's index in this set; the
+      rows it becomes in a training set get their own ids, ``insert_canaries``).
+    copies: k >= 1 training rows per included canary.
+    num_classes: C of the task.
+    pixels: (n,) int64 flat index (into H * W * C) of a dirac canary's lit
+      pixel; None for the other kinds.
+    source_ids: (n,) int64 ids of the source images (mislabel), else None.
+    """
+    kind: str
+    images: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    copies: int
+    num_classes: int
+    pixels: np.ndarray | None = None
+    source_ids: np.ndarray | None = None
+
+    def __post_init__(self):
+        checks.one_of(self.kind, KINDS, "kind")
+        n = len(self.images)
+        if self.images.ndim != 4 or self.images.dtype != np.uint8 or n == 0:
+            raise ValueError(f"canary images must be a non-empty (n, H, W, C) uint8 array, "
+                             f"got {self.images.shape} {self.images.dtype}")
+        if self.labels.shape != (n,) or self.ids.shape != (n,):
+            raise ValueError(f"canary labels and ids must be ({n},), got {self.labels.shape} "
+                             f"and {self.ids.shape}")
+        checks.positive_int(self.copies, "copies")
+        if self.labels.min() < 0 or self.labels.max() >= self.num_classes:
+            raise ValueError(f"canary labels must lie in [0, {self.num_classes})")
+        if (self.kind == "dirac") != (self.pixels is not None):
+            raise ValueError("pixels are given for dirac canaries and only for them")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def name(self) -> str:
+        """``mislabel``, or ``mislabel x4`` with 4 copies."""
+        return self.kind if self.copies == 1 else f"{self.kind} x{self.copies}"
+
+
+def _check_count(num: int, available: int | None = None) -> int:
+    checks.positive_int(num, "num (canaries)")
+    if available is not None and num > available:
+        raise ValueError(f"num ({num}) exceeds the {available} source images available")
+    return num
+
+
+def mislabelled_canaries(source: Dataset, num: int, *, seed: int, copies: int = 1,
+                         num_classes: int | None = None) -> CanarySet:
+    """``num`` distinct images of ``source`` (drawn without replacement),
+    each with a label drawn uniformly among the C - 1 wrong ones.
+    ``source`` must be disjoint from the training and test data."""
+    checks.seed(seed)
+    _check_count(num, len(source))
+    num_classes = len(source.class_names) if num_classes is None else num_classes
+    if num_classes < 2:
+        raise ValueError(f"mislabelled canaries need >= 2 classes, got {num_classes}")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(source), num, replace=False))
+    shift = rng.integers(1, num_classes, size=num)   # never 0: the label is always wrong
+    labels = ((source.labels[pick].astype(np.int64) + shift) % num_classes).astype(np.int32)
+    return CanarySet("mislabel", source.images[pick].copy(), labels,
+                     np.arange(num, dtype=np.int64), copies, num_classes,
+                     source_ids=source.ids[pick].copy())
+
+
+def ood_canaries(image_shape: Sequence[int], num: int, num_classes: int, *, seed: int,
+                 copies: int = 1, label: int | None = None) -> CanarySet:
+    """``num`` images of uniform uint8 noise of ``image_shape`` (H, W, C),
+    each labelled at random (``label=None``) or with one fixed ``label``."""
+    checks.seed(seed)
+    _check_count(num)
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (H, W, C), got {image_shape}")
+    checks.positive_int(num_classes, "num_classes")
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(num, *shape), dtype=np.uint8)
+    if label is None:
+        labels = rng.integers(0, num_classes, size=num).astype(np.int32)
+    else:
+        if not 0 <= label < num_classes:
+            raise ValueError(f"label must be in [0, {num_classes}), got {label}")
+        labels = np.full(num, label, np.int32)
+    return CanarySet("ood", images, labels, np.arange(num, dtype=np.int64), copies,
+                     num_classes)
+
+
+def dirac_canaries(reference: Dataset, num: int, *, seed: int, copies: int = 1
+                   ) -> CanarySet:
+    """``num`` one-pixel images (255 at one position, 0 elsewhere), each
+    with a random label. The positions are the ones ``reference`` (the
+    training data) lights least (smallest mean intensity), used in that
+    order and cycled when ``num`` exceeds H * W * C; canaries sharing a
+    position differ in label."""
+    checks.seed(seed)
+    _check_count(num)
+    shape = reference.images.shape[1:]
+    if reference.images.dtype != np.uint8:
+        raise ValueError("dirac canaries are pixel images: the reference must be uint8 images")
+    size = int(np.prod(shape))
+    mean = reference.images.reshape(len(reference), size).mean(0, dtype=np.float64)
+    order = np.argsort(mean, kind="stable")                  # least-lit first
+    pixels = order[np.arange(num) % size].astype(np.int64)
+    num_classes = len(reference.class_names)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=num).astype(np.int32)
+    images = np.zeros((num, size), np.uint8)
+    images[np.arange(num), pixels] = 255
+    return CanarySet("dirac", images.reshape(num, *shape), labels,
+                     np.arange(num, dtype=np.int64), copies, num_classes, pixels=pixels)
+
+
+def make_canaries(kind: str, *, source: Dataset, num: int, seed: int, copies: int = 1,
+                  reference: Dataset | None = None) -> CanarySet:
+    """One ``CanarySet`` of ``kind``: ``mislabel`` draws from ``source``
+    (held out from training and test); ``ood`` takes its shape and classes
+    from it; ``dirac`` chooses its pixels from ``reference`` (the training
+    data; default ``source``)."""
+    checks.one_of(kind, KINDS, "kind")
+    if kind == "mislabel":
+        return mislabelled_canaries(source, num, seed=seed, copies=copies)
+    if kind == "ood":
+        return ood_canaries(source.images.shape[1:], num, len(source.class_names), seed=seed,
+                            copies=copies)
+    return dirac_canaries(source if reference is None else reference, num, seed=seed,
+                          copies=copies)
+
+
+def canary_membership(num_canaries: int, num_runs: int, seed: int) -> np.ndarray:
+    """(num_runs, num_canaries) bool: every bit an independent fair coin
+    from ``seed`` (True: the canary is in that run's training set)."""
+    checks.positive_int(num_canaries, "num_canaries")
+    checks.positive_int(num_runs, "num_runs")
+    checks.seed(seed)
+    return np.random.default_rng(seed).random((num_runs, num_canaries)) < 0.5
+
+
+def insert_canaries(images: np.ndarray, labels: np.ndarray, canaries: CanarySet,
+                    is_in: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The training set of one run: the N base rows, then ``canaries.copies``
+    rows for each included canary (identical content, distinct rows, hence
+    distinct ids when ids are positions, as in ``gujax.train``).
+
+    Args:
+      images: (N, H, W, C) uint8 base images; labels: (N,) int.
+      is_in: (n,) bool, which canaries this run includes.
+
+    Returns:
+      (images (N + k I, H, W, C), labels (N + k I,) int32, canary_of_row
+      (N + k I,) int64: the canary index of each row, -1 for base rows),
+      I = is_in.sum().
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    is_in = checks.boolean_array(is_in, "is_in")
+    if is_in.shape != (len(canaries),):
+        raise ValueError(f"is_in must be ({len(canaries)},) bool, got {is_in.shape}")
+    if images.shape[1:] != canaries.images.shape[1:] or images.dtype != np.uint8:
+        raise ValueError(f"base images {images.shape[1:]} {images.dtype} do not match the "
+                         f"canaries' {canaries.images.shape[1:]} uint8")
+    if labels.shape != (len(images),):
+        raise ValueError(f"labels must be ({len(images)},), got {labels.shape}")
+    chosen = np.repeat(np.flatnonzero(is_in), canaries.copies)
+    return (np.concatenate([images, canaries.images[chosen]]),
+            np.concatenate([labels.astype(np.int32), canaries.labels[chosen]]),
+            np.concatenate([np.full(len(images), -1, np.int64), chosen.astype(np.int64)]))
+
+
+# ----------------------------------------------------------------------------
+# Training runs with canaries.
+
+class CanaryRun(NamedTuple):
+    """One trained run.
+
+    init_params, params: the parameters before and after training.
+    disclosure, retired: (N_r,) the run's ledger (D_j in nats, retired by a
+      censor) per training row; None for an arm without a ledger.
+    noise_multiplier, epsilon: DP-SGD's sigma and accounted epsilon (at the
+      arm's delta) for this run's training-set size; None otherwise.
+    wall_seconds: this run's share of its group's training time.
+    """
+    init_params: Any
+    params: Any
+    disclosure: np.ndarray | None
+    retired: np.ndarray | None
+    noise_multiplier: float | None
+    epsilon: float | None
+    wall_seconds: float
+
+
+def train_canary_runs(arm, *, model, config, sets: Sequence[tuple[np.ndarray, np.ndarray]],
+                      seeds: Sequence[int], method: str = "ghost") -> list[CanaryRun]:
+    """Train one model of ``arm`` (``gujax.arms.Arm``) per (images uint8,
+    labels) of ``sets``, all together (``gujax.train.train_stacked``, one
+    step vmapped over them), model r initialised, sampled and noised from
+    ``seeds[r]``; ``config`` is a ``TrainConfig`` whose seed, sampling,
+    batch size and learning rate are set per arm as the shadow models do.
+
+    The sets may differ in size (a run holds the canaries it drew): every
+    ledger is sized to the largest set, ids being row positions, so the
+    stage states stack. DP-SGD's sigma is calibrated for each run's own size.
+    """
+    if len(sets) != len(seeds) or not sets:
+        raise ValueError(f"need one seed per training set, got {len(seeds)} for {len(sets)}")
+    batch_size = arm.batch_size or config.batch_size
+    largest = max(len(labels) for _, labels in sets)
+    loss_fn = softmax_cross_entropy(model)
+    pipelines = [build_pipeline(arm, loss_fn=loss_fn, train_size=len(labels),
+                                batch_size=batch_size, epochs=config.epochs, seed=seed,
+                                num_examples=largest, method=method)
+                 for (_, labels), seed in zip(sets, seeds)]
+    inits = [model.init(jax.random.key(seed), model_inputs(images[:1]))["params"]
+             for (images, _), seed in zip(sets, seeds)]
+    configs = [dataclasses.replace(config, seed=seed, sampling=p.sampling,
+                                   batch_size=batch_size,
+                                   learning_rate=arm.learning_rate or config.learning_rate)
+               for seed, p in zip(seeds, pipelines)]
+    start = time.perf_counter()
+    results = train_stacked(
+        params=inits, stage=pipelines[0].stage,
+        stage_states=[p.stage.init(q) for p, q in zip(pipelines, inits)],
+        data=[(images, labels, np.arange(len(labels))) for images, labels in sets],
+        configs=configs, model=model)
+    jax.block_until_ready([r.params for r in results])
+    wall = (time.perf_counter() - start) / len(sets)
+    runs = []
+    for result, pipeline, (_, labels) in zip(results, pipelines, sets):
+        book = jax.device_get(ledger(result.aggregator_state))
+        n = len(labels)
+        runs.append(CanaryRun(
+            init_params=None, params=result.params,
+            disclosure=None if book is None else np.asarray(book.disclosure)[:n],
+            retired=None if book is None else np.asarray(book.retired, bool)[:n],
+            noise_multiplier=pipeline.noise_multiplier, epsilon=pipeline.epsilon,
+            wall_seconds=wall))
+    return [r._replace(init_params=p) for r, p in zip(runs, inits)]
