@@ -3,6 +3,7 @@ and DP-SGD in the same units.
 
     python -m experiments.audit_epsilon                  # digits, ~10 min on 2 CPU cores
     python -m experiments.audit_epsilon --preset smoke   # seconds; what the tests run
+    python -m experiments.audit_epsilon --preset cifar --data-dir DIR   # CIFAR-10, ScatterNet
     python -m experiments.audit_epsilon --arms sgd censor:tau=8 --copies 1 8
 
 For each arm and each canary set (mislabelled images, noise images, dirac
@@ -27,10 +28,12 @@ Outputs (``--out``, default results/audit_epsilon-<preset>):
                    family (DP-SGD's accountant epsilon beside its empirical one),
                    and epsilon against the number of copies
     scores/<arm>/<canaries>.npz   in_mask (R, n) and every score (R, n)
+    arms/<arm>.json   each finished arm (summary and units): --resume keeps them
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, NamedTuple
@@ -41,7 +44,7 @@ from tqdm.auto import tqdm
 
 from experiments import harness
 from experiments.harness import Settings, arm_text, option
-from experiments.report import environment, finite_or_none, format_table, write_report
+from experiments.report import environment, finite_or_none, format_table, jsonable, write_report
 from gujax.arms import Arm
 from gujax.audit.canaries import (KINDS, CanarySet, canary_membership, insert_canaries,
                                   make_canaries, train_canary_runs)
@@ -107,6 +110,9 @@ class AuditSettings(Settings):
         if not self.guess_fractions or not all(0 < f <= 1 for f in self.guess_fractions):
             raise ValueError(f"guess_fractions must each be in (0, 1], got "
                              f"{list(self.guess_fractions)}")
+        if self.features == "scattering" and set(self.units_kinds) != {"mislabel"}:
+            raise ValueError("with --features scattering the canaries are featurised held-out "
+                             "images: --canary-kinds mislabel --duplicate-kind mislabel")
         if "dirac" in self.units_kinds and self.model != "mlp":
             raise ValueError("dirac canaries are scored white-box on an MLP's first layer: "
                              "use --model mlp or leave dirac out of --canary-kinds")
@@ -140,8 +146,24 @@ PRESETS = harness.presets(
         num_runs=2, num_references=2, canary_kinds=("mislabel", "dirac"), copies=(1, 2),
         bootstrap_samples=20, arms=("dpsgd:eps=1", "censor:tau=8"),
         note="Smoke preset: 2 runs of 3 epochs; a plumbing check, not a measurement."),
+    # The CIFAR-10 protocol of experiments.cifar (cpu preset: ScatterNet +
+    # linear, private standardisation, its optimiser and clip norm) on a
+    # 1,000-image base set; DP-SGD at that protocol's sampling rate (0.164).
+    cifar=dataclasses.replace(
+        _DEFAULT, dataset="cifar10", features="scattering", model="scatter_linear",
+        normalisation="private", normalisation_noise=8.0, epochs=30, batch_size=256,
+        learning_rate=0.01, momentum=0.9, clip_norm=0.1, base_size=1000,
+        canary_kinds=("mislabel",), copies=(1, 2, 4, 8),
+        arms=("sgd", *(f"dpsgd:eps={e},batch=164,lr=1,ledger=false" for e in (1, 3, 8)),
+              "censor:tau=2", "censor:tau=8", "censor:tau=32", "clip:max_step=0.1"),
+        note="CIFAR-10 preset: experiments.cifar's cpu protocol (ScatterNet J=2 L=8 + "
+             "linear, private standardisation with noise 8 composed into DP-SGD's epsilon, "
+             "30 epochs, B 256, lr 0.01, momentum 0.9; DP-SGD clip 0.1 at sampling rate "
+             "0.164, lr 1) on a 1,000-image base set; 32 mislabelled held-out canaries "
+             "(1, 2, 4, 8 copies), 8 audited runs per arm and set, 4 reference runs. "
+             "Needs --data-dir with the CIFAR-10 python batches (or TFDS)."),
 )
-EXPERIMENT = harness.Experiment("audit_epsilon", __doc__, PRESETS)
+EXPERIMENT = harness.Experiment("audit_epsilon", __doc__, PRESETS, resumable=True)
 
 
 # ----------------------------------------------------------------------------
@@ -408,7 +430,17 @@ def execute(run: harness.Run, prepared: Prepared) -> dict:
     start = time.perf_counter()
     arms, units = [], []
     for arm in tqdm(prepared.arms, desc="arms", disable=not settings.progress):
-        summary, arm_units = audit_arm(arm, settings, prepared, out)
+        # Each finished arm is kept (arms/<arm>.json): --resume skips it.
+        done = os.path.join(out, "arms", f"{arm.slug}.json")
+        if run.resume and os.path.exists(done):
+            with open(done) as f:
+                summary, arm_units = json.load(f)
+        else:
+            summary, arm_units = audit_arm(arm, settings, prepared, out)
+            os.makedirs(os.path.dirname(done), exist_ok=True)
+            with open(done + ".tmp", "w") as f:
+                json.dump(jsonable([summary, arm_units]), f)
+            os.replace(done + ".tmp", done)
         arms.append(summary)
         units.extend(arm_units)
     config = {**settings.record(), "out": out, "base_n": len(prepared.base),

@@ -234,7 +234,28 @@ def test_audit_epsilon_smoke(tmp_path):
     np.testing.assert_array_equal(npz["in_mask"], np.load(
         out / "scores" / "gnq-censor_tau_8" / "mislabel.npz")["in_mask"])    # same bits for every k
     assert results["units"][0]["arm"] == "dpsgd eps=1"
-    # A used --out is refused (the experiment cannot resume).
+    # A used --out is refused without --resume; --resume keeps the finished
+    # arms (arms/<arm>.json) instead of training them again.
     with pytest.raises(SystemExit) as err:
         audit_epsilon.main(["--preset", "smoke", "--out", str(out)])
     assert err.value.code == 2
+    kept = out / "arms" / "dpsgd_eps_1.json"
+    summary, units = json.loads(kept.read_text())
+    summary["eps_any"] = 123.0                        # a marker only a reused arm carries
+    kept.write_text(json.dumps([summary, units]))
+    resumed = audit_epsilon.main(["--preset", "smoke", "--out", str(out), "--resume",
+                                  "--no-progress"])
+    assert resumed["arms"][0]["eps_any"] == 123.0
+    # The other arm is trained again, to the same result (fixed seeds).
+    assert resumed["arms"][1]["eps_any"] == results["arms"][1]["eps_any"]
+    assert [u["eps_best"] for u in resumed["units"]] == [u["eps_best"] for u in
+                                                        results["units"]]
+
+
+def test_featurised_canaries_are_mislabelled_only(tmp_path, capsys):
+    from experiments import audit_epsilon
+    with pytest.raises(SystemExit) as err:
+        audit_epsilon.main(["--preset", "cifar", "--canary-kinds", "mislabel", "ood",
+                            "--out", str(tmp_path / "never")])
+    assert err.value.code == 2 and "featurised" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

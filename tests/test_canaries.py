@@ -1,5 +1,7 @@
 """gujax.audit.canaries: canary sets, membership, insertion, training runs
 with canaries, and the white-box dirac score against a per-canary loop."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -154,3 +156,23 @@ def test_dirac_scores_against_a_loop_over_canaries(digits):
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="dirac"):
         dirac_scores(model, [p0], [p1], mislabelled_canaries(digits, 3, seed=0))
+
+
+def test_canaries_of_featurised_data_train_as_features(digits):
+    """Float features (the ScatterNet layout): mislabelled canaries keep the
+    source's float32 rows, insertion checks the dtype, pixel kinds refuse."""
+    features = dataclasses.replace(digits, images=(digits.images / 16.0).astype(np.float32))
+    base, source = random_subset(features, 100, seed=0), random_subset(features, 40, seed=1)
+    c = make_canaries("mislabel", source=source, num=8, seed=0, copies=2)
+    assert c.images.dtype == np.float32
+    images, labels, rows = insert_canaries(base.images, base.labels, c, np.arange(8) < 3)
+    assert images.dtype == np.float32 and len(images) == 106 and (rows >= 0).sum() == 6
+    with pytest.raises(ValueError, match="do not match"):
+        insert_canaries(digits.images[:100], digits.labels[:100], c, np.arange(8) < 3)
+    for kind in ("ood", "dirac"):
+        with pytest.raises(ValueError, match="featurised"):
+            make_canaries(kind, source=source, num=8, seed=0)
+    config = TrainConfig(epochs=1, batch_size=32, learning_rate=0.1, progress=False)
+    run, = train_canary_runs(parse_arm("censor:tau=8"), model=MLP(hidden=(16,)),
+                             config=config, sets=[(images, labels)], seeds=[0])
+    assert run.disclosure.shape == (106,) and np.all(np.isfinite(run.disclosure))

@@ -62,7 +62,9 @@ class CanarySet:
     """n canaries of one kind.
 
     kind: one of ``KINDS``.
-    images: (n, H, W, C) uint8, one image per canary.
+    images: (n, H, W, C) uint8 pixels, or float32 features (the
+      ``gujax.features`` layout: mislabelled canaries of a featurised
+      source), one per canary.
     labels: (n,) int32, the label each canary is trained (and scored) with.
     ids: (n,) int64 canary ids 0..n-1 (the canary's index in this set; the
       rows it becomes in a training set get their own ids, ``insert_canaries``).
@@ -84,9 +86,10 @@ class CanarySet:
     def __post_init__(self):
         checks.one_of(self.kind, KINDS, "kind")
         n = len(self.images)
-        if self.images.ndim != 4 or self.images.dtype != np.uint8 or n == 0:
-            raise ValueError(f"canary images must be a non-empty (n, H, W, C) uint8 array, "
-                             f"got {self.images.shape} {self.images.dtype}")
+        if (self.images.ndim != 4 or self.images.dtype not in (np.uint8, np.float32)
+                or n == 0):
+            raise ValueError(f"canary images must be a non-empty (n, H, W, C) uint8 or "
+                             f"float32 array, got {self.images.shape} {self.images.dtype}")
         if self.labels.shape != (n,) or self.ids.shape != (n,):
             raise ValueError(f"canary labels and ids must be ({n},), got {self.labels.shape} "
                              f"and {self.ids.shape}")
@@ -187,6 +190,9 @@ def make_canaries(kind: str, *, source: Dataset, num: int, seed: int, copies: in
     checks.one_of(kind, KINDS, "kind")
     if kind == "mislabel":
         return mislabelled_canaries(source, num, seed=seed, copies=copies)
+    if kind != "mislabel" and source.images.dtype != np.uint8:
+        raise ValueError(f"{kind} canaries are pixel images; for a featurised source "
+                         f"(float features) only mislabelled canaries apply")
     if kind == "ood":
         return ood_canaries(source.images.shape[1:], num, len(source.class_names), seed=seed,
                             copies=copies)
@@ -210,7 +216,7 @@ def insert_canaries(images: np.ndarray, labels: np.ndarray, canaries: CanarySet,
     distinct ids when ids are positions, as in ``gujax.train``).
 
     Args:
-      images: (N, H, W, C) uint8 base images; labels: (N,) int.
+      images: (N, H, W, C) base images, of the canaries' dtype; labels: (N,) int.
       is_in: (n,) bool, which canaries this run includes.
 
     Returns:
@@ -222,9 +228,9 @@ def insert_canaries(images: np.ndarray, labels: np.ndarray, canaries: CanarySet,
     is_in = checks.boolean_array(is_in, "is_in")
     if is_in.shape != (len(canaries),):
         raise ValueError(f"is_in must be ({len(canaries)},) bool, got {is_in.shape}")
-    if images.shape[1:] != canaries.images.shape[1:] or images.dtype != np.uint8:
+    if (images.shape[1:], images.dtype) != (canaries.images.shape[1:], canaries.images.dtype):
         raise ValueError(f"base images {images.shape[1:]} {images.dtype} do not match the "
-                         f"canaries' {canaries.images.shape[1:]} uint8")
+                         f"canaries' {canaries.images.shape[1:]} {canaries.images.dtype}")
     if labels.shape != (len(images),):
         raise ValueError(f"labels must be ({len(images)},), got {labels.shape}")
     chosen = np.repeat(np.flatnonzero(is_in), canaries.copies)
@@ -257,8 +263,8 @@ class CanaryRun(NamedTuple):
 
 def train_canary_runs(arm, *, model, config, sets: Sequence[tuple[np.ndarray, np.ndarray]],
                       seeds: Sequence[int], method: str = "ghost") -> list[CanaryRun]:
-    """Train one model of ``arm`` (``gujax.arms.Arm``) per (images uint8,
-    labels) of ``sets``, all together (``gujax.train.train_stacked``, one
+    """Train one model of ``arm`` (``gujax.arms.Arm``) per (images,
+    labels) of ``sets`` (uint8 pixels or float32 features), all together (``gujax.train.train_stacked``, one
     step vmapped over them), model r initialised, sampled and noised from
     ``seeds[r]``; ``config`` is a ``TrainConfig`` whose seed, sampling,
     batch size and learning rate are set per arm as the shadow models do.
