@@ -467,22 +467,40 @@ def clip_factors(sq_norms: jax.Array, l2_norm_clip, keep: jax.Array) -> jax.Arra
     return jnp.where(keep & jnp.isfinite(sq_norms), factors, 0.0)
 
 
-def gaussian_noise(key: jax.Array, like: PyTree, std) -> tuple[PyTree, jax.Array]:
+def gaussian_noise(key: jax.Array, like: PyTree, std, *, flat: bool = False
+                   ) -> tuple[PyTree, jax.Array]:
     """N(0, std^2) per coordinate, shaped like ``like``, and the next key.
 
-    The one key schedule of gujax's DP-SGD, optax's
-    (``differentially_private_aggregate``): ``next_key, *leaf_keys =
-    split(key, num_leaves + 1)``, one key per leaf in tree order.
+    The default key schedule is optax's (``differentially_private_aggregate``):
+    ``next_key, *leaf_keys = split(key, num_leaves + 1)``, one key and one
+    draw per leaf in tree order. With ``flat=True``: ``next_key, k =
+    split(key)`` and ONE draw of ``sum(leaf sizes)`` normals with ``k``, cut
+    back into the leaves in tree order (one generator call per step instead of
+    one per leaf; the rbg generators are ~2.5x faster this way on CPU). The
+    two schedules give different noise for the same key (with JAX's
+    partitionable threefry the first leaf may coincide), with the same
+    distribution: i.i.d. N(0, std^2) over every coordinate of every leaf.
+    Leaves of different dtypes are drawn in their promoted dtype and cast.
     """
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    next_key, *keys = jax.random.split(key, len(leaves) + 1)
-    noise = [jnp.asarray(std).astype(g.dtype) * jax.random.normal(k, jnp.shape(g), g.dtype)
-             for g, k in zip(leaves, keys)]
+    if not flat:
+        next_key, *keys = jax.random.split(key, len(leaves) + 1)
+        noise = [jnp.asarray(std).astype(g.dtype) * jax.random.normal(k, jnp.shape(g), g.dtype)
+                 for g, k in zip(leaves, keys)]
+        return jax.tree_util.tree_unflatten(treedef, noise), next_key
+    next_key, k = jax.random.split(key)
+    sizes = [math.prod(jnp.shape(g)) for g in leaves]
+    z = jax.random.normal(k, (sum(sizes),), jnp.result_type(*leaves) if leaves else float)
+    noise, start = [], 0
+    for g, size in zip(leaves, sizes):
+        piece = jax.lax.slice_in_dim(z, start, start + size).reshape(jnp.shape(g))
+        noise.append(jnp.asarray(std).astype(g.dtype) * piece.astype(g.dtype))
+        start += size
     return jax.tree_util.tree_unflatten(treedef, noise), next_key
 
 
-def _noised(clipped_sum, key, std, denominator):
-    noise, next_key = gaussian_noise(key, clipped_sum, std)
+def _noised(clipped_sum, key, std, denominator, flat=False):
+    noise, next_key = gaussian_noise(key, clipped_sum, std, flat=flat)
     update = jax.tree_util.tree_map(lambda g, z: (g + z) / denominator, clipped_sum, noise)
     return update, next_key
 
@@ -505,11 +523,24 @@ def _charge_clipped(gram, c, finite, example_ids, mask, state: DpsgdMonitorState
     return ledger
 
 
-# Key implementations the DP-SGD noise can be drawn with (``jax.random.key(...,
-# impl=)``). They give different noise streams for the same seed, and the same
-# distribution. Measured on the 2-core CPU (670k normals): threefry2x32 4.3 ms,
-# rbg and unsafe_rbg 22 ms; on GPUs and TPUs the rbg generators are the fast ones.
-NOISE_PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
+# How the DP-SGD noise can be drawn: a key implementation (``jax.random.key(...,
+# impl=)``), optionally with the suffix "_flat" for ``gaussian_noise``'s flat
+# schedule (one key and one draw of P normals per step instead of one per
+# leaf). Every choice gives another noise stream for the same seed, and the
+# same distribution, N(0, sigma^2 C^2) i.i.d. per coordinate
+# (tests/test_privacy.py). Measured on the shared 2-core CPU (MLP 784-512-512-10,
+# 670k normals, jitted draw alone, several runs; docs/peers.md): threefry2x32
+# 6.6-7.6 ms per leaf, 7.1-10 ms flat (its cost is the bits; flat does not
+# help); rbg 22-32 ms per leaf, 8.6-11 ms flat; unsafe_rbg 20-40 ms per leaf,
+# 8.3-12 ms flat. On GPUs and TPUs the rbg generators are the fast ones.
+NOISE_PRNGS = ("threefry2x32", "rbg", "unsafe_rbg",
+               "threefry2x32_flat", "rbg_flat", "unsafe_rbg_flat")
+
+
+def noise_prng(prng: str) -> tuple[str, bool]:
+    """``NOISE_PRNGS`` name -> (key implementation, flat schedule?)."""
+    checks.one_of(prng, NOISE_PRNGS, "prng")
+    return (prng[:-len("_flat")], True) if prng.endswith("_flat") else (prng, False)
 
 
 def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: int = 0,
@@ -536,13 +567,15 @@ def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: i
         are checked; traced ones are trusted.
       seed: seeds the noise key kept in the state.
       num_examples: size of the ledger, or None for no ledger.
-      prng: the key implementation of the noise, one of ``NOISE_PRNGS``
-        (JAX's default threefry2x32; "rbg"/"unsafe_rbg" are faster on
-        accelerators, slower on CPU). Another implementation gives another
-        noise stream for the same seed, with the same distribution
+      prng: how the noise is drawn, one of ``NOISE_PRNGS``: the key
+        implementation (JAX's default threefry2x32; "rbg"/"unsafe_rbg" are
+        faster on accelerators), and with "_flat" one key and one draw for
+        all parameters per step instead of one per leaf (``gaussian_noise``;
+        makes rbg/unsafe_rbg ~2.5x cheaper on CPU). Another choice gives
+        another noise stream for the same seed, with the same distribution
         N(0, sigma^2 C^2) per coordinate (tests/test_privacy.py).
     """
-    checks.one_of(prng, NOISE_PRNGS, "prng")
+    impl, flat = noise_prng(prng)
     checks.positive_finite_or_traced(l2_norm_clip, "l2_norm_clip")
     checks.positive_finite_or_traced(expected_batch_size, "expected_batch_size")
     with_ledger = num_examples is not None
@@ -566,20 +599,20 @@ def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: i
 
     if with_ledger:
         def init():
-            return DpsgdMonitorState(_init_state(num_examples), jax.random.key(seed, impl=prng),
+            return DpsgdMonitorState(_init_state(num_examples), jax.random.key(seed, impl=impl),
                                      jnp.asarray(noise_multiplier, jnp.float32))
 
         def finish(clipped_sum, state):
             update, key = _noised(clipped_sum, state.key, state.noise_multiplier * l2_norm_clip,
-                                  expected_batch_size)
+                                  expected_batch_size, flat)
             return update, state._replace(key=key)
     else:
         def init():
-            return DifferentiallyPrivateAggregateState(rng_key=jax.random.key(seed, impl=prng))
+            return DifferentiallyPrivateAggregateState(rng_key=jax.random.key(seed, impl=impl))
 
         def finish(clipped_sum, state):
             update, key = _noised(clipped_sum, state.rng_key, noise_multiplier * l2_norm_clip,
-                                  expected_batch_size)
+                                  expected_batch_size, flat)
             return update, DifferentiallyPrivateAggregateState(rng_key=key)
 
     return Policy(init, weights, finish, cross_terms=with_ledger, num_examples=num_examples)

@@ -358,20 +358,21 @@ def test_weighted_grad_matches_explicit_and_drops_zero_weights(name):
 # ---------------------------------------------------------------------------
 # Ghost clipping.
 
+@pytest.mark.parametrize("prng", ["threefry2x32", "rbg_flat"])
 @pytest.mark.parametrize("name", _cases(["mlp", "transformer"], ("mlp",)))
-def test_ghost_dpsgd_matches_materialised(name):
+def test_ghost_dpsgd_matches_materialised(name, prng):
     params, batch, loss = MODELS[name]()
     explicit = _explicit(loss, params, batch)
     norms = np.sqrt(np.asarray(gram(explicit)).diagonal())
     clip = float(np.median(norms))  # some rows clipped, some not
     mask = jnp.array([True, True, False, True, True])
     reference = dpsgd_aggregate(l2_norm_clip=clip, noise_multiplier=0.7,
-                                expected_batch_size=4.0, seed=3)
+                                expected_batch_size=4.0, seed=3, prng=prng)
     state = reference.init(params)
     want, want_state = jax.jit(reference.update)(explicit, state, params, mask=mask)
     step = jax.jit(lambda p, b, s, m: ghost_dpsgd(
         loss, p, b, s, l2_norm_clip=clip, noise_multiplier=0.7,
-        expected_batch_size=4.0, mask=m))
+        expected_batch_size=4.0, mask=m, prng=prng))
     got, got_state, info = step(params, batch, state, mask)
     assert _tree_rel_err(got, want) < 1e-5
     np.testing.assert_array_equal(jax.random.key_data(got_state.rng_key),

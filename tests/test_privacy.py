@@ -8,6 +8,7 @@ import pytest
 from dp_accounting import pld, rdp
 
 from gujax.dpsgd import dpsgd_aggregate
+from gujax.policies import NOISE_PRNGS, gaussian_noise, noise_prng
 from gujax.privacy import calibrate_noise_multiplier, dp_epsilon
 from gujax.sampling import fixed_batch, poisson_batch, poisson_padded_size, shuffled_batch
 
@@ -161,11 +162,12 @@ def test_dpsgd_rejects_bad_input():
         tx.update({"w": jnp.zeros((3, 2))}, tx.init(None), mask=jnp.ones(3))
 
 
-@pytest.mark.parametrize("prng", ["threefry2x32", "rbg", "unsafe_rbg"])
+@pytest.mark.parametrize("prng", NOISE_PRNGS)
 def test_dpsgd_noise_is_gaussian_with_std_sigma_c_for_every_prng(prng):
     """The noise every DP-SGD path adds (gujax.policies.gaussian_noise) is
-    N(0, sigma^2 C^2) per coordinate, whichever key implementation draws it:
-    moments and a Kolmogorov-Smirnov test on 2 x 10^5 coordinates."""
+    N(0, sigma^2 C^2) per coordinate, whichever key implementation and key
+    schedule (per leaf or flat) draws it: moments, Kolmogorov-Smirnov and
+    D'Agostino-Pearson tests on 2 x 10^5 coordinates at a fixed seed."""
     from scipy import stats
     sigma, clip = 1.5, 2.0
     g = {"w": jnp.zeros((4, 100_000)), "b": jnp.zeros((4, 100_000))}
@@ -177,12 +179,36 @@ def test_dpsgd_noise_is_gaussian_with_std_sigma_c_for_every_prng(prng):
     assert abs(z.std() - 1) < 0.01
     assert abs(stats.kurtosis(z)) < 0.05 and abs(stats.skew(z)) < 0.03
     assert stats.kstest(z, "norm").pvalue > 1e-4
+    assert stats.normaltest(z).pvalue > 1e-4
     # Leaves get independent noise, and the next step other noise.
     assert abs(np.corrcoef(update["w"], update["b"])[0, 1]) < 0.02
     again, _ = tx.update(g, state)
     assert abs(np.corrcoef(update["w"], again["w"])[0, 1]) < 0.02
+    assert abs(np.corrcoef(update["b"], again["b"])[0, 1]) < 0.02
     assert jax.random.key_impl(state.rng_key) == jax.random.key_impl(
-        jax.random.key(0, impl=prng))
+        jax.random.key(0, impl=noise_prng(prng)[0]))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_flat_noise_is_one_draw_cut_into_the_leaves(impl):
+    """flat=True: next_key, k = split(key); the leaves, in tree order, are one
+    normal(k, (P,)) cut back into their shapes. Another stream than the
+    per-leaf schedule for the same key."""
+    like = {"a": jnp.zeros((3, 4)), "b": jnp.zeros(5), "c": jnp.zeros((2, 1, 3))}
+    key = jax.random.key(7, impl=impl)
+    noise, next_key = gaussian_noise(key, like, 2.0, flat=True)
+    _, k = jax.random.split(key)
+    z = 2.0 * np.asarray(jax.random.normal(k, (23,)))
+    leaves = jax.tree_util.tree_leaves(noise)
+    np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in leaves]), z, rtol=1e-6)
+    assert [x.shape for x in leaves] == [(3, 4), (5,), (2, 1, 3)]
+    per_leaf, _ = gaussian_noise(key, like, 2.0)
+    # (With JAX's partitionable threefry the first leaf can coincide: same
+    # second key, and a draw's prefix is the smaller draw.)
+    assert not np.allclose(noise["b"], per_leaf["b"])
+    assert not np.allclose(noise["c"], per_leaf["c"])
+    np.testing.assert_array_equal(jax.random.key_data(next_key),
+                                  jax.random.key_data(jax.random.split(key)[0]))
 
 
 def test_another_noise_prng_is_another_stream_and_bad_names_are_refused():
@@ -192,7 +218,14 @@ def test_another_noise_prng_is_another_stream_and_bad_names_are_refused():
         tx = dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0,
                              seed=3, prng=prng)
         draws[prng] = np.asarray(tx.update(g, tx.init(None))[0]["w"])
+    # Two leaves: the flat schedule's first leaf can coincide with threefry's.
+    g2 = {"a": jnp.zeros((2, 10)), "w": jnp.zeros((2, 1000))}
+    for prng in ("threefry2x32", "threefry2x32_flat"):
+        tx = dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0,
+                             seed=3, prng=prng)
+        draws[prng + "2"] = np.asarray(tx.update(g2, tx.init(None))[0]["w"])
     assert not np.allclose(draws["threefry2x32"], draws["rbg"])
+    assert not np.allclose(draws["threefry2x322"], draws["threefry2x32_flat2"])
     with pytest.raises(ValueError, match="prng"):
         dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0,
                         seed=3, prng="philox")

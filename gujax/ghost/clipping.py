@@ -69,7 +69,8 @@ def ghost_clipped_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
 
 def ghost_dpsgd(loss_fn: LossFn, params: PyTree, batch: PyTree,
                 state: DifferentiallyPrivateAggregateState, *, l2_norm_clip,
-                noise_multiplier, expected_batch_size=None, mask=None
+                noise_multiplier, expected_batch_size=None, mask=None,
+                prng: str = "threefry2x32"
                 ) -> tuple[PyTree, DifferentiallyPrivateAggregateState, ClipInfo]:
     """One DP-SGD aggregation by ghost clipping.
 
@@ -84,11 +85,14 @@ def ghost_dpsgd(loss_fn: LossFn, params: PyTree, batch: PyTree,
       expected_batch_size: denominator (q N under Poisson sampling); default
         B, the padded batch size, as optax does.
       mask: optional (B,) bool, False for padding rows.
+      prng: the noise's key implementation and draw (``gujax.policies.NOISE_PRNGS``;
+        the state's key must be of that implementation, as ``dpsgd_policy``'s init
+        makes it).
     """
     n = batch_size(batch)
     policy = dpsgd_policy(l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
                           expected_batch_size=n if expected_batch_size is None
-                          else expected_batch_size)
+                          else expected_batch_size, prng=prng)
     total, _, info = _clip(loss_fn, params, batch, policy, state, mask)
     update, state = policy.finish(total, state)
     return update, state, info

@@ -49,10 +49,9 @@ def _cast(a: jax.Array, dtype) -> jax.Array:
 
 
 def _materialised(factors: Factors, dtype) -> jax.Array:
-    """(B, G * d_in * d_out) per-example weight gradients (any feature order)."""
+    """(B, G, d_in, d_out) per-example weight gradients X_j^T D_j per group."""
     x, d = _cast(factors.x, dtype), _cast(factors.d, dtype)
-    grads = jnp.einsum("btgi,btgo->bgio", x, d, precision=_HIGHEST)
-    return jnp.reshape(grads, (grads.shape[0], -1))
+    return jnp.einsum("btgi,btgo->bgio", x, d, precision=_HIGHEST)
 
 
 def _bias(factors: Factors, dtype) -> jax.Array:
@@ -106,7 +105,12 @@ def factors_gram(factors: Factors, *, dtype=None) -> jax.Array:
         xx = jnp.einsum("btgi,csgi->bctsg", x, x, precision=_HIGHEST)
         dd = jnp.einsum("btgo,csgo->bctsg", d, d, precision=_HIGHEST)
         return jnp.sum((xx + one) * dd, axis=(2, 3, 4))
-    k = _flat_gram(_materialised(factors, dtype))
+    return _materialised_gram(factors, _materialised(factors, dtype), dtype)
+
+
+def _materialised_gram(factors: Factors, grads: jax.Array, dtype) -> jax.Array:
+    """(B, B) Gram of a layer's weight gradients ``grads`` (B, ...) plus its bias."""
+    k = _flat_gram(jnp.reshape(grads, (grads.shape[0], -1)))
     if factors.has_bias:
         k = k + _flat_gram(_bias(factors, dtype))
     return k
@@ -120,7 +124,7 @@ def factors_sq_norms(factors: Factors, *, dtype=None) -> jax.Array:
         xx = jnp.einsum("btgi,bsgi->btsg", x, x, precision=_HIGHEST)
         dd = jnp.einsum("btgo,bsgo->btsg", d, d, precision=_HIGHEST)
         return jnp.sum((xx + (1.0 if factors.has_bias else 0.0)) * dd, axis=(1, 2, 3))
-    sq = jnp.sum(jnp.square(_materialised(factors, dtype)), axis=1)
+    sq = jnp.sum(jnp.square(_materialised(factors, dtype)), axis=(1, 2, 3))
     if factors.has_bias:
         sq = sq + jnp.sum(jnp.square(_bias(factors, dtype)), axis=1)
     return sq
@@ -176,7 +180,40 @@ def _weigh_rows(weights: jax.Array, per_example: jax.Array) -> jax.Array:
 
 
 def _weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:
-    return jnp.sum(_weigh_rows(weights, per_example), axis=0)
+    """sum_j weights[j] * per_example[j], rows with weight 0 dropped (even NaN
+    ones). A contraction over B, not a multiply then a reduction over the
+    leading axis: on XLA:CPU the latter is several times slower for the
+    (B, d_in, d_out) per-example weight gradients of materialised layers."""
+    keep = jnp.reshape(weights != 0, weights.shape + (1,) * (per_example.ndim - 1))
+    rows = jnp.where(keep, per_example, 0)
+    return jnp.tensordot(weights.astype(rows.dtype), rows, axes=1, precision=_HIGHEST)
+
+
+def _layer_weighted_grad(tape: Tape, layer, leaves: list, w: jax.Array) -> dict:
+    """{name: sum_j w[j] * (layer's gradient for example j)}."""
+    if layer.rule is None:
+        return {name: _weighted_sum(w, g) for name, g in tape.local_grads[layer.path].items()}
+    direct = direct_params(layer, leaves)
+    part = None
+    for site in layer.sites:
+        # Zero-weight rows are zeroed in the inputs too: X^T (w D)
+        # would still be NaN for a NaN input row.
+        inputs = [_weigh_rows(w != 0, x) if jnp.issubdtype(x.dtype, jnp.inexact)
+                  else x for x in tape.inputs[site.key]]
+        g = weighted_site_grad(site, direct, inputs, _weigh_rows(w, tape.out_grads[site.key]))
+        part = g if part is None else jax.tree_util.tree_map(jnp.add, part, g)
+    return part
+
+
+def _assemble(tape: Tape, params: PyTree, parts: dict, w: jax.Array) -> PyTree:
+    """Layer parts (layer path -> {name: grad}) plus fallback leaves, as params."""
+    grads = [jnp.zeros_like(leaf) for leaf in jax.tree_util.tree_leaves(params)]
+    for layer in tape.plan.layers:
+        for name, i in layer.params:
+            grads[i] = grads[i] + parts[layer.path][name]
+    for i, g in zip(tape.plan.fallback, tape.fallback_grads):
+        grads[i] = grads[i] + _weighted_sum(w, g)
+    return jax.tree_util.tree_unflatten(tape.plan.treedef, grads)
 
 
 def tape_weighted_grad(tape: Tape, params: PyTree, weights: jax.Array) -> PyTree:
@@ -188,28 +225,56 @@ def tape_weighted_grad(tape: Tape, params: PyTree, weights: jax.Array) -> PyTree
     out even if their gradient is not finite.
     """
     leaves = jax.tree_util.tree_leaves(params)
-    grads = [jnp.zeros_like(leaf) for leaf in leaves]
     w = jnp.asarray(weights)
+    parts = {layer.path: _layer_weighted_grad(tape, layer, leaves, w)
+             for layer in tape.plan.layers}
+    return _assemble(tape, params, parts, w)
+
+
+def _reused_layer(layer, factors: Factors, direct: dict, grads: jax.Array,
+                  w: jax.Array) -> dict | None:
+    """The weighted gradient of a materialised layer from its per-example
+    weight gradients ``grads`` (B, G, d_in, d_out), when the rule knows the
+    parameter layout and every shape matches; None otherwise."""
+    if layer.rule.layout is None:
+        return None
+    part = layer.rule.layout(layer.sites[0].module, _weighted_sum(w, grads))
+    if part is None:
+        return None
+    if factors.has_bias:
+        part["bias"] = _weighted_sum(w, jnp.sum(factors.d, axis=1)).reshape(-1)
+    if set(part) != set(direct) or any(part[k].shape != direct[k].shape for k in part):
+        return None
+    return {k: v.astype(direct[k].dtype) for k, v in part.items()}
+
+
+def tape_gram_and_weighted_grad(tape: Tape, params: PyTree, weights: jax.Array, *,
+                                dtype=None) -> tuple[jax.Array, PyTree]:
+    """(``tape_gram(tape)``, ``tape_weighted_grad(tape, params, weights)``) in
+    one go: a layer whose Gram is taken from materialised per-example
+    gradients (the cheaper route at long sequences, e.g. transformer Dense
+    layers at T = 64) sums those same gradients for the update instead of
+    pulling the weighted output gradients back through the layer again."""
+    leaves = jax.tree_util.tree_leaves(params)
+    w = jnp.asarray(weights)
+    n = tape.losses.shape[0]
+    k = jnp.zeros((n, n), dtype or tape.losses.dtype)
+    parts = {}
     for layer in tape.plan.layers:
-        if layer.rule is None:
-            part = {name: _weighted_sum(w, g)
-                    for name, g in tape.local_grads[layer.path].items()}
-        else:
-            direct = direct_params(layer, leaves)
-            part = None
-            for site in layer.sites:
-                # Zero-weight rows are zeroed in the inputs too: X^T (w D)
-                # would still be NaN for a NaN input row.
-                inputs = [_weigh_rows(w != 0, x) if jnp.issubdtype(x.dtype, jnp.inexact)
-                          else x for x in tape.inputs[site.key]]
-                g = weighted_site_grad(site, direct, inputs,
-                                       _weigh_rows(w, tape.out_grads[site.key]))
-                part = g if part is None else jax.tree_util.tree_map(jnp.add, part, g)
-        for name, i in layer.params:
-            grads[i] = grads[i] + part[name]
-    for i, g in zip(tape.plan.fallback, tape.fallback_grads):
-        grads[i] = grads[i] + _weighted_sum(w, g)
-    return jax.tree_util.tree_unflatten(tape.plan.treedef, grads)
+        part = None
+        if layer.rule is not None:
+            factors = layer_factors(tape, layer)
+            if ghost_is_cheaper(factors):
+                k = k + factors_gram(factors, dtype=dtype)
+            else:
+                grads = _materialised(factors, dtype)
+                k = k + _materialised_gram(factors, grads, dtype)
+                part = _reused_layer(layer, factors, direct_params(layer, leaves), grads, w)
+        parts[layer.path] = (part if part is not None
+                             else _layer_weighted_grad(tape, layer, leaves, w))
+    for leaf in _materialised_leaves(tape):
+        k = k + _flat_gram(_cast(jnp.reshape(leaf, (n, -1)), dtype))
+    return k, _assemble(tape, params, parts, w)
 
 
 def ghost_gram(loss_fn: LossFn, params: PyTree, batch: PyTree, *, dtype=None) -> jax.Array:
@@ -233,8 +298,8 @@ def ghost_gram_and_grad(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
                         dtype=None) -> tuple[jax.Array, PyTree, jax.Array]:
     """(K (B, B), sum_j g_j shaped like params, per-example losses (B,))."""
     tape = capture(loss_fn, params, batch)
-    ones = jnp.ones_like(tape.losses)
-    return tape_gram(tape, dtype=dtype), tape_weighted_grad(tape, params, ones), tape.losses
+    k, grad = tape_gram_and_weighted_grad(tape, params, jnp.ones_like(tape.losses), dtype=dtype)
+    return k, grad, tape.losses
 
 
 def ghost_gnq(loss_fn: LossFn, params: PyTree, batch: PyTree, *, reg, relative: bool = True,

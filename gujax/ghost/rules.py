@@ -27,6 +27,7 @@ instead.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -50,14 +51,20 @@ class Factors(NamedTuple):
 
 
 class Rule(NamedTuple):
-    """supports(module) -> bool; factors(module, inputs, d) -> Factors.
+    """supports(module) -> bool; factors(module, inputs, d) -> Factors;
+    layout(module, w) -> {name: array} or None.
 
     ``inputs`` is the layer's first argument with a leading batch axis B
     (whatever per-example shape the model gave it); ``d`` the gradient of the
     batch loss with respect to the layer's output, same leading axis.
+    ``layout`` turns a weight gradient in factor order, w = X^T D of shape
+    (..., G, d_in, d_out), into the layer's weight parameter(s), shaped as
+    the module holds them (leading axes kept); None where it does not know
+    the layout (callers then take the layer's own VJP).
     """
     supports: Callable[[Any], bool]
     factors: Callable[[Any, Array, Array], Factors]
+    layout: Callable[[Any, Array], dict | None] | None = None
 
 
 def _positions(a: Array, features: int) -> Array:
@@ -73,6 +80,10 @@ def _dense_supports(module: nn.Dense) -> bool:
 def _dense_factors(module: nn.Dense, inputs: Array, d: Array) -> Factors:
     return Factors(_positions(inputs, inputs.shape[-1]),
                    _positions(d, d.shape[-1]), module.use_bias)
+
+
+def _dense_layout(module, w: Array) -> dict | None:
+    return {"kernel": w[..., 0, :, :]} if w.shape[-3] == 1 else None
 
 
 def _nnx_linear_supports(module: nnx.Linear) -> bool:
@@ -91,6 +102,10 @@ def _embed_factors(module: nn.Embed, inputs: Array, d: Array) -> Factors:
     onehot = jax.nn.one_hot(inputs, module.num_embeddings, dtype=d.dtype)
     return Factors(_positions(onehot, module.num_embeddings),
                    _positions(d, d.shape[-1]), False)
+
+
+def _embed_layout(module, w: Array) -> dict | None:
+    return {"embedding": w[..., 0, :, :]}
 
 
 def _tuple(value: Any, n: int) -> tuple[int, ...]:
@@ -147,13 +162,27 @@ def _conv_factors(module: nn.Conv, inputs: Array, d: Array) -> Factors:
         module.use_bias)
 
 
+def _conv_layout(module, w: Array) -> dict | None:
+    """Patch features are (channel, window offset), channel-major; the kernel
+    is (*window, in, out). Feature groups are left to the layer's VJP."""
+    if w.shape[-3] != 1:
+        return None
+    kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
+                   else tuple(module.kernel_size))
+    lead, (d_in, d_out) = w.shape[:-3], w.shape[-2:]
+    n = len(kernel_size)
+    c_in = d_in // math.prod(kernel_size)
+    k = jnp.reshape(w, lead + (c_in,) + kernel_size + (d_out,))
+    return {"kernel": jnp.moveaxis(k, len(lead), len(lead) + n)}
+
+
 RULES: dict[type, Rule] = {
-    nn.Dense: Rule(_dense_supports, _dense_factors),
-    nn.Conv: Rule(_conv_supports, _conv_factors),
-    nn.Embed: Rule(_embed_supports, _embed_factors),
-    nnx.Linear: Rule(_nnx_linear_supports, _dense_factors),
-    nnx.Conv: Rule(_nnx_conv_supports, _conv_factors),
-    nnx.Embed: Rule(_embed_supports, _embed_factors),
+    nn.Dense: Rule(_dense_supports, _dense_factors, _dense_layout),
+    nn.Conv: Rule(_conv_supports, _conv_factors, _conv_layout),
+    nn.Embed: Rule(_embed_supports, _embed_factors, _embed_layout),
+    nnx.Linear: Rule(_nnx_linear_supports, _dense_factors, _dense_layout),
+    nnx.Conv: Rule(_nnx_conv_supports, _conv_factors, _conv_layout),
+    nnx.Embed: Rule(_embed_supports, _embed_factors, _embed_layout),
 }
 
 

@@ -1,0 +1,160 @@
+"""experiments.overhead: block-median timing (fake timers, no timing
+assertions), the batched plain step, and a tiny end-to-end run."""
+import itertools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import overhead
+
+
+def _fake_timer(durations):
+    """A timer whose successive (start, stop) pairs are ``durations`` apart."""
+    clock = itertools.accumulate(itertools.chain.from_iterable((0.0, d) for d in durations))
+    return lambda: next(clock)
+
+
+def test_measure_blocks_structure_and_interleaving():
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
+             "c": lambda: calls.append("c")}
+    out = overhead.measure_blocks(steps, blocks=3, repeats=4, warmup=2)
+    assert set(out) == {"a", "b", "c"}
+    for r in out.values():
+        assert set(r) >= {"median", "spread", "block_medians", "all_seconds"}
+        assert len(r["block_medians"]) == 3 and [len(b) for b in r["all_seconds"]] == [4] * 3
+        lo, hi = r["spread"]
+        assert lo <= r["median"] <= hi
+    assert calls[:6] == ["a", "b", "c"] * 2  # warm-up
+    rounds = [calls[i:i + 3] for i in range(6, len(calls), 3)]
+    assert len(rounds) == 12 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert rounds[0] != rounds[1]  # order rotates between rounds
+
+
+def test_median_of_block_medians_on_fake_timer():
+    # One step, 3 blocks of 3 repeats; block medians 2, 10, 4 -> median 4, spread (2, 10).
+    durations = [1, 2, 3, 10, 50, 9, 4, 4, 100]
+    out = overhead.measure_blocks({"s": lambda: None}, blocks=3, repeats=3, warmup=0,
+                                  timer=_fake_timer(durations))["s"]
+    assert out["block_medians"] == [2, 10, 4]
+    assert out["median"] == 4 and tuple(out["spread"]) == (2, 10)
+    assert out["all_seconds"] == [[1, 2, 3], [10, 50, 9], [4, 4, 100]]
+
+
+def test_measure_blocks_rejects_empty_blocks():
+    with pytest.raises(ValueError):
+        overhead.measure_blocks({"s": lambda: None}, blocks=0, repeats=3)
+
+
+@pytest.mark.parametrize("model", ["mlp", "transformer"])  # cnn shares mlp's loss
+def test_batched_loss_equals_mean_of_per_example_losses(model):
+    w = overhead.make_workload(model, 3, seq_len=5)
+    both = jax.jit(lambda p, b: (w.batch_loss(p, b),
+                                 jax.vmap(w.loss_fn, in_axes=(None, 0))(p, b).mean()))
+    batched, per_example_mean = both(w.params, w.batch)
+    np.testing.assert_allclose(batched, per_example_mean, rtol=1e-5)
+
+
+def test_plain_steps_agree():
+    w = overhead.make_workload("mlp", 4, seq_len=8)
+    steps = overhead.make_steps(w)
+    got = jax.jit(steps["plain_batched"][0])(*steps["plain_batched"][1])
+    want = jax.jit(steps["plain"][0])(*steps["plain"][1])
+    for g, h in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
+
+
+def test_tiny_run_writes_load_and_cpu_count(tmp_path):
+    result = overhead.main(["--preset", "smoke", "--models", "mlp", "--batch-sizes", "4",
+                            "--methods", "gnq_ghost", "--repeats", "2", "--blocks", "2",
+                            "--out", str(tmp_path)])
+    with open(os.path.join(tmp_path, "overhead.json")) as f:
+        saved = json.load(f)
+    assert saved["cpu_count"] == os.cpu_count()
+    assert len(saved["load"]["before"]) == 3 and len(saved["load"]["after"]) == 3
+    assert saved["settings"]["blocks"] == 2
+    rows = {r["method"]: r for r in saved["rows"]}
+    assert set(rows) == {"plain", "plain_batched", "gnq_ghost"}
+    base = min(("plain", "plain_batched"), key=lambda m: rows[m]["step_seconds"])
+    for r in rows.values():
+        assert r["baseline"] == base and len(r["block_medians"]) == 2
+        assert r["spread_seconds"][0] <= r["step_seconds"] <= r["spread_seconds"][1]
+        assert r["ratio_to_plain"] == pytest.approx(
+            r["step_seconds"] / rows[base]["step_seconds"])
+    assert rows[base]["ratio_to_plain"] == 1.0
+    assert result["targets"]
+
+
+# --- gnq_ghost's fused Gram + update (gujax.ghost.kernels) -------------------
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from gujax.ghost import kernels  # noqa: E402
+from gujax.ghost.capture import capture  # noqa: E402
+
+
+class _Mixed(nn.Module):
+    """Embed, Dense over 6 positions, 2-D Conv, grouped 1-D Conv, Dense head:
+    at T = 6 every layer but the head takes the materialised route."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        h = nn.Embed(7, 5)(tokens)                                   # (6, 5)
+        h = jnp.tanh(nn.Dense(4)(h))                                 # (6, 4)
+        img = jnp.reshape(jnp.tile(h, (1, 6)), (6, 6, 4))
+        img = jnp.tanh(nn.Conv(4, (3, 2), padding="SAME")(img))      # (6, 6, 4)
+        seq = jnp.reshape(img, (12, 12))
+        seq = jnp.tanh(nn.Conv(6, (3,), feature_group_count=2, padding="VALID")(seq))
+        return nn.Dense(3)(jnp.mean(seq, axis=0))
+
+
+def test_fused_gram_and_update_match_separate():
+    model = _Mixed()
+    tokens = jax.random.randint(jax.random.key(0), (5, 6), 0, 7)
+    params = model.init(jax.random.key(1), tokens[0])["params"]
+
+    def loss_fn(p, t):
+        return jnp.sum(jnp.square(model.apply({"params": p}, t)))
+
+    weights = jnp.array([0.5, 0.0, 1.0, 2.0, -1.0])
+
+    @jax.jit
+    def both(p, b):
+        tape = capture(loss_fn, p, b)
+        fused = kernels.tape_gram_and_weighted_grad(tape, p, weights)
+        return fused, (kernels.tape_gram(tape), kernels.tape_weighted_grad(tape, p, weights))
+
+    (k, g), (k_ref, g_ref) = both(params, tokens)
+    kinds = kernels.describe(loss_fn, params, tokens)
+    assert list(kinds.values()).count("materialise") >= 4, kinds
+    np.testing.assert_allclose(k, k_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_update_drops_nan_example_with_zero_weight():
+    model = nn.Dense(2)
+    x = jax.random.normal(jax.random.key(2), (4, 8, 3)).at[1, 3, 0].set(jnp.nan)
+    params = model.init(jax.random.key(3), x[0])["params"]
+
+    def loss_fn(p, ex):
+        return jnp.sum(jnp.square(model.apply({"params": p}, ex)))
+
+    weights = jnp.array([1.0, 0.0, 0.5, 2.0])
+
+    @jax.jit
+    def both(p, b):
+        tape = capture(loss_fn, p, b)
+        return (kernels.tape_gram_and_weighted_grad(tape, p, weights)[1],
+                kernels.tape_weighted_grad(tape, p, weights))
+
+    assert "materialise" in kernels.describe(loss_fn, params, x).values()
+    got, want = both(params, x)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
