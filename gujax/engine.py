@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from gujax.ghost.capture import capture
-from gujax.ghost.kernels import tape_gram, tape_sq_norms, tape_weighted_grad
+from gujax.ghost.kernels import tape_gram_keeping_grads, tape_sq_norms, tape_weighted_grad
 from gujax.grads import batch_size, gram as gram_matrix, per_example_losses_and_grads
 from gujax.policies import Policy
 
@@ -124,11 +124,19 @@ def ghost_engine(loss_fn: LossFn) -> Engine:
     forward/backward pass, per-layer ghost or materialised kernels."""
     def run(params, examples):
         tape = capture(loss_fn, params, examples)
+        # The per-example gradients the Gram materialised, for the update to
+        # sum instead of a second weight-gradient pass (same trace: a policy
+        # asks for the Gram, then for the weighted sum).
+        kept = {}
+
+        def gram(dtype=None):
+            k, grads = tape_gram_keeping_grads(tape, dtype=dtype)
+            kept.update(grads)
+            return k
         return GradientPass(
-            losses=tape.losses,
-            gram=lambda dtype=None: tape_gram(tape, dtype=dtype),
+            losses=tape.losses, gram=gram,
             sq_norms=lambda: tape_sq_norms(tape),
-            weighted_sum=lambda w: tape_weighted_grad(tape, params, w))
+            weighted_sum=lambda w: tape_weighted_grad(tape, params, w, kept=kept))
     return Engine("ghost", run)
 
 

@@ -21,6 +21,7 @@ its own score is NaN; every other score is what it would be without it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -47,6 +48,32 @@ def regulariser(gram_matrix: jax.Array, reg, *, relative: bool = True,
     return jnp.asarray(reg, gram_matrix.dtype) * jnp.sum(diag) / count
 
 
+_DIRECT_SOLVE_MAX = 64
+
+
+def _inverse_cholesky_factor(a: jax.Array) -> jax.Array:
+    """L^-1 for the Cholesky factor L of the SPD matrix ``a`` (N, N).
+
+    Blocked by halves: with L11^-1 of the leading block, L21 = A21 L11^-T,
+    the Schur complement A22 - L21 L21^T gives L22^-1, and
+    L^-1_21 = -L22^-1 L21 L11^-1. The same flops as Cholesky plus a
+    triangular solve against I, but as matrix products, which XLA:CPU runs
+    2-2.7x faster than its triangular solve for N >= 256 (256: 0.6 ms against
+    1.2 ms; docs/performance.md)."""
+    n = a.shape[0]
+    if n <= _DIRECT_SOLVE_MAX:
+        return jax.scipy.linalg.solve_triangular(
+            jnp.linalg.cholesky(a), jnp.eye(n, dtype=a.dtype), lower=True)
+    # HIGHEST: a solve must not run in TF32/bf16 where accelerators default to it.
+    mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    h = n // 2
+    inv11 = _inverse_cholesky_factor(a[:h, :h])
+    l21 = mm(a[h:, :h], inv11.T)
+    inv22 = _inverse_cholesky_factor(a[h:, h:] - mm(l21, l21.T))
+    inv21 = -mm(inv22, mm(l21, inv11))
+    return jnp.block([[inv11, jnp.zeros((h, n - h), a.dtype)], [inv21, inv22]])
+
+
 def _loo_gnq(k: jax.Array, lam: jax.Array, valid: jax.Array) -> jax.Array:
     """GNQ for every row of an N x N Gram matrix; invalid rows give NaN."""
     n = k.shape[0]
@@ -56,9 +83,7 @@ def _loo_gnq(k: jax.Array, lam: jax.Array, valid: jax.Array) -> jax.Array:
     # zero, any lam gives GNQ = 0, and 1 keeps the factorisation defined.
     lam = jnp.where(lam > 0, lam, jnp.ones_like(lam))
     a = k + lam * jnp.eye(n, dtype=k.dtype)
-    chol = jnp.linalg.cholesky(a)
-    chol_inv = jax.scipy.linalg.solve_triangular(
-        chol, jnp.eye(n, dtype=k.dtype), lower=True)
+    chol_inv = _inverse_cholesky_factor(a)
     m_diag = jnp.sum(chol_inv * chol_inv, axis=0)  # [L^-T L^-1]_jj
     scores = 1.0 / (lam * m_diag) - 1.0
     # Rounding can push an exact zero slightly negative.

@@ -82,6 +82,28 @@ def test_matches_naive_reference_float64(kind, relative, reg, num_refs):
         np.testing.assert_allclose(np.asarray(got_k), want, rtol=1e-8)
 
 
+@pytest.mark.parametrize("n", [65, 100, 150])
+def test_blocked_solve_matches_naive_reference_float64(n):
+    # Past 64 rows the solve is blocked by halves (odd halves included).
+    rng = np.random.default_rng(n)
+    g = rng.normal(size=(n, 40)) @ rng.normal(size=(40, 200))   # rank 40 < n
+    g[7] = g[3]                                                  # a duplicate
+    g += 0.05 * rng.normal(size=g.shape)
+    with jax.enable_x64(True):
+        got = gujax.gnq_from_gram(jnp.asarray(g @ g.T), reg=0.1, relative=False)
+    np.testing.assert_allclose(np.asarray(got), naive_gnq(g, 0.1), rtol=1e-8)
+
+
+def test_blocked_solve_float32_against_float64():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(256, 64)) @ rng.normal(size=(64, 500)) + 0.1 * rng.normal(size=(256, 500))
+    k = g @ g.T
+    with jax.enable_x64(True):
+        want = np.asarray(gujax.gnq_from_gram(jnp.asarray(k), reg=1e-2))
+    got = np.asarray(gujax.gnq_from_gram(jnp.asarray(k, jnp.float32), reg=1e-2))
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
 def test_orthogonal_gradients():
     with jax.enable_x64(True):
         g = np.zeros((4, 6))

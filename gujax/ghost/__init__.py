@@ -14,11 +14,13 @@ docs/models.md), through one registry of rules. Every result equals the explicit
 from gujax.ghost.capture import Tape, capture
 from gujax.ghost.clipping import ClipInfo, ghost_clipped_sum, ghost_dpsgd
 from gujax.ghost.kernels import (describe, ghost_gram, ghost_gram_and_grad, ghost_gnq,
-                              tape_gram, tape_sq_norms, tape_weighted_grad)
+                              tape_gram, tape_gram_and_weighted_grad,
+                              tape_gram_keeping_grads, tape_sq_norms, tape_weighted_grad)
 from gujax.ghost.rules import RULES, Factors, Rule
 
 __all__ = [
     "ClipInfo", "Factors", "RULES", "Rule", "Tape", "capture", "describe",
     "ghost_clipped_sum", "ghost_dpsgd", "ghost_gram", "ghost_gram_and_grad", "ghost_gnq",
-    "tape_gram", "tape_sq_norms", "tape_weighted_grad",
+    "tape_gram", "tape_gram_and_weighted_grad", "tape_gram_keeping_grads", "tape_sq_norms",
+    "tape_weighted_grad",
 ]

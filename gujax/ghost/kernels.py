@@ -150,14 +150,32 @@ def _materialised_leaves(tape: Tape):
 
 def tape_gram(tape: Tape, *, dtype=None) -> jax.Array:
     """(B, B) Gram matrix K_jk = <g_j, g_k> over all parameters."""
+    return tape_gram_keeping_grads(tape, dtype=dtype)[0]
+
+
+def tape_gram_keeping_grads(tape: Tape, *, dtype=None) -> tuple[jax.Array, dict]:
+    """(K (B, B), kept): K as ``tape_gram``, and ``kept`` = layer path ->
+    (B, G, d_in, d_out) per-example weight gradients of the rule layers whose
+    Gram was taken from them (where materialising is cheaper than the ghost
+    kernel, e.g. transformer Dense layers at T = 64, convolutions). Hand
+    ``kept`` to ``tape_weighted_grad`` so the update sums them instead of
+    pulling the weighted output gradients back through those layers again."""
     n = tape.losses.shape[0]
     k = jnp.zeros((n, n), dtype or tape.losses.dtype)
+    kept = {}
     for layer in tape.plan.layers:
-        if layer.rule is not None:
-            k = k + factors_gram(layer_factors(tape, layer), dtype=dtype)
+        if layer.rule is None:
+            continue
+        factors = layer_factors(tape, layer)
+        if ghost_is_cheaper(factors):
+            k = k + factors_gram(factors, dtype=dtype)
+        else:
+            grads = _materialised(factors, dtype)
+            k = k + _materialised_gram(factors, grads, dtype)
+            kept[layer.path] = grads
     for leaf in _materialised_leaves(tape):
         k = k + _flat_gram(_cast(jnp.reshape(leaf, (n, -1)), dtype))
-    return k
+    return k, kept
 
 
 def tape_sq_norms(tape: Tape, *, dtype=None) -> jax.Array:
@@ -216,18 +234,27 @@ def _assemble(tape: Tape, params: PyTree, parts: dict, w: jax.Array) -> PyTree:
     return jax.tree_util.tree_unflatten(tape.plan.treedef, grads)
 
 
-def tape_weighted_grad(tape: Tape, params: PyTree, weights: jax.Array) -> PyTree:
+def tape_weighted_grad(tape: Tape, params: PyTree, weights: jax.Array, *,
+                       kept: dict | None = None) -> PyTree:
     """sum_j weights[j] * g_j, shaped like ``params``, without materialising g_j.
 
     A rule layer pulls the weighted output gradients back through itself
-    alone (one batched VJP, the weight-gradient half of a backward pass);
-    materialised leaves are summed directly. Examples with weight 0 are left
-    out even if their gradient is not finite.
+    alone (one batched VJP, the weight-gradient half of a backward pass),
+    unless ``kept`` (from ``tape_gram_keeping_grads`` on the same tape) holds
+    its per-example weight gradients, which are then summed; materialised
+    leaves are summed directly. Examples with weight 0 are left out even if
+    their gradient is not finite.
     """
     leaves = jax.tree_util.tree_leaves(params)
     w = jnp.asarray(weights)
-    parts = {layer.path: _layer_weighted_grad(tape, layer, leaves, w)
-             for layer in tape.plan.layers}
+    parts = {}
+    for layer in tape.plan.layers:
+        part = None
+        if kept and layer.path in kept:
+            part = _reused_layer(layer, layer_factors(tape, layer),
+                                 direct_params(layer, leaves), kept[layer.path], w)
+        parts[layer.path] = (part if part is not None
+                             else _layer_weighted_grad(tape, layer, leaves, w))
     return _assemble(tape, params, parts, w)
 
 
@@ -250,31 +277,10 @@ def _reused_layer(layer, factors: Factors, direct: dict, grads: jax.Array,
 
 def tape_gram_and_weighted_grad(tape: Tape, params: PyTree, weights: jax.Array, *,
                                 dtype=None) -> tuple[jax.Array, PyTree]:
-    """(``tape_gram(tape)``, ``tape_weighted_grad(tape, params, weights)``) in
-    one go: a layer whose Gram is taken from materialised per-example
-    gradients (the cheaper route at long sequences, e.g. transformer Dense
-    layers at T = 64) sums those same gradients for the update instead of
-    pulling the weighted output gradients back through the layer again."""
-    leaves = jax.tree_util.tree_leaves(params)
-    w = jnp.asarray(weights)
-    n = tape.losses.shape[0]
-    k = jnp.zeros((n, n), dtype or tape.losses.dtype)
-    parts = {}
-    for layer in tape.plan.layers:
-        part = None
-        if layer.rule is not None:
-            factors = layer_factors(tape, layer)
-            if ghost_is_cheaper(factors):
-                k = k + factors_gram(factors, dtype=dtype)
-            else:
-                grads = _materialised(factors, dtype)
-                k = k + _materialised_gram(factors, grads, dtype)
-                part = _reused_layer(layer, factors, direct_params(layer, leaves), grads, w)
-        parts[layer.path] = (part if part is not None
-                             else _layer_weighted_grad(tape, layer, leaves, w))
-    for leaf in _materialised_leaves(tape):
-        k = k + _flat_gram(_cast(jnp.reshape(leaf, (n, -1)), dtype))
-    return k, _assemble(tape, params, parts, w)
+    """(``tape_gram(tape)``, ``tape_weighted_grad(tape, params, weights)``),
+    the update reusing the per-example gradients the Gram materialised."""
+    k, kept = tape_gram_keeping_grads(tape, dtype=dtype)
+    return k, tape_weighted_grad(tape, params, weights, kept=kept)
 
 
 def ghost_gram(loss_fn: LossFn, params: PyTree, batch: PyTree, *, dtype=None) -> jax.Array:
