@@ -528,11 +528,11 @@ def _charge_clipped(gram, c, finite, example_ids, mask, state: DpsgdMonitorState
 # schedule (one key and one draw of P normals per step instead of one per
 # leaf). Every choice gives another noise stream for the same seed, and the
 # same distribution, N(0, sigma^2 C^2) i.i.d. per coordinate
-# (tests/test_privacy.py). Measured on the shared 2-core CPU (MLP 784-512-512-10,
-# 670k normals, jitted draw alone, several runs; docs/peers.md): threefry2x32
-# 6.6-7.6 ms per leaf, 7.1-10 ms flat (its cost is the bits; flat does not
-# help); rbg 22-32 ms per leaf, 8.6-11 ms flat; unsafe_rbg 20-40 ms per leaf,
-# 8.3-12 ms flat. On GPUs and TPUs the rbg generators are the fast ones.
+# (tests/test_privacy.py). Measured on the idle 2-core CPU (670k normals, the
+# jitted draw alone; docs/performance.md): threefry2x32 5.2 ms per leaf or flat
+# (its cost is the bits; flat does not help), rbg 12.4 -> 5.7 ms flat,
+# unsafe_rbg 16.1 -> 6.4 ms flat. On GPUs and TPUs the rbg generators are the
+# fast ones.
 NOISE_PRNGS = ("threefry2x32", "rbg", "unsafe_rbg",
                "threefry2x32_flat", "rbg_flat", "unsafe_rbg_flat")
 

@@ -188,3 +188,19 @@ def test_fused_update_drops_nan_example_with_zero_weight():
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_split_parts_add_up_in_flops(tmp_path):
+    from experiments import overhead_split
+    rows = overhead_split.main(["--batch-size", "8", "--blocks", "1", "--repeats", "1",
+                                "--out", str(tmp_path)])
+    by = {r["part"]: r for r in rows}
+    assert set(by) == {"plain_batched", "capture", "capture+update", "capture+gram",
+                       "capture+gram+update", "gnq_from_gram", "gnq_ghost"}
+    # The ghost update is plain's weight-gradient half: capture + update has
+    # the plain step's flops but for the SGD update's 2 P (5% at B = 8).
+    assert 0.9 < by["capture+update"]["flop_ratio"] < 1.0
+    assert by["capture"]["flops"] < by["capture+gram"]["flops"] < by["capture+gram+update"]["flops"]
+    assert by["gnq_ghost"]["flops"] >= by["capture+gram+update"]["flops"]
+    saved = json.load(open(tmp_path / "split.json"))
+    assert len(saved["rows"]) == 7 and saved["cpu_count"] == os.cpu_count()
