@@ -51,6 +51,7 @@ from gujax.audit.canaries import (KINDS, CanarySet, canary_membership, insert_ca
 from gujax.audit.epsilon import (GUESS_FRACTIONS, attack_auc, best_one_run_epsilon,
                                  canary_logits, dirac_scores, loss_scores, multi_run_epsilon,
                                  reference_scores)
+from gujax.audit.intervals import mean_interval
 from gujax.data import Dataset
 from gujax.data.splits import subset
 
@@ -77,7 +78,8 @@ class AuditSettings(Settings):
     guess_fractions: tuple[float, ...] = option(
         GUESS_FRACTIONS, "the auditor guesses 'in' for this fraction of the highest-scoring "
                          "canary slots; Bonferroni over them")
-    bootstrap_samples: int = option(200, "bootstrap resamples of the canary attack's AUC")
+    bootstrap_samples: int = option(200, "bootstrap resamples of the canary attack's AUC "
+                                    "and of the test accuracy")
     arms: tuple[str, ...] = option(
         ("sgd", "dpsgd:eps=1", "dpsgd:eps=3", "dpsgd:eps=8", "censor:tau=8",
          "censor:tau=16", "censor:tau=32", "clip:max_step=0.1"),
@@ -214,9 +216,15 @@ def _seeds(settings: AuditSettings, unit: int, count: int) -> list[int]:
     return [settings.seed * 100_003 + unit * 1009 + r for r in range(count)]
 
 
-def _accuracy(model, params_list, population: Dataset) -> np.ndarray:
+def _accuracy(model, params_list, population: Dataset, settings: AuditSettings) -> dict:
+    """Mean test accuracy of the runs and its crossed-bootstrap interval
+    (over runs and test examples, ``gujax.audit.intervals.mean_interval``)."""
     logits = canary_logits(model, params_list, population.images)
-    return (np.argmax(logits, -1) == population.labels).mean(1)
+    correct = np.argmax(logits, -1) == population.labels        # (runs, test examples)
+    low, high = mean_interval(correct, num_resamples=settings.bootstrap_samples,
+                              confidence=settings.confidence, seed=settings.seed)
+    return {"test_accuracy": float(correct.mean()), "test_accuracy_low": float(low),
+            "test_accuracy_high": float(high)}
 
 
 def audit_unit(arm: Arm, settings: AuditSettings, prepared: Prepared, key: tuple[str, int],
@@ -266,8 +274,7 @@ def audit_unit(arm: Arm, settings: AuditSettings, prepared: Prepared, key: tuple
         "arm": arm.name, "kind": arm.kind, "canaries": canaries.name,
         "canary_kind": canaries.kind, "copies": canaries.copies,
         "canary_slots": int(in_mask.size), "canaries_in": int(in_mask.sum()),
-        "test_accuracy": float(np.mean(_accuracy(prepared.model, params,
-                                                 prepared.population))),
+        **_accuracy(prepared.model, params, prepared.population, settings),
         "epsilon_theory": finite_or_none(max(r.epsilon for r in runs))
         if arm.kind == "dpsgd" else None,
         **{f"eps_{name}": b.epsilon for name, b in per_score.items()},
@@ -327,8 +334,7 @@ def audit_arm(arm: Arm, settings: AuditSettings, prepared: Prepared, out: str
                                     guess_fractions=settings.guess_fractions)
     summary = {
         "arm": arm.name, "kind": arm.kind,
-        "test_accuracy": float(np.mean(_accuracy(prepared.model, ref_params,
-                                                 prepared.population))),
+        **_accuracy(prepared.model, ref_params, prepared.population, settings),
         "epsilon_theory": finite_or_none(references[0].epsilon)
         if arm.kind == "dpsgd" else None,
         "eps_any": any_kind.epsilon, "eps_any_test": any_kind.test,
@@ -350,6 +356,7 @@ def _eps_columns(settings: AuditSettings):
 
 UNIT_COLUMNS = (
     ("arm", "arm", "{}"), ("canaries", "canaries", "{}"), ("test acc", "test_accuracy", "{:.3f}"),
+    ("acc low", "test_accuracy_low", "{:.3f}"), ("acc high", "test_accuracy_high", "{:.3f}"),
     ("eps loss", "eps_loss", "{:.2f}"), ("eps lira", "eps_lira", "{:.2f}"),
     ("eps white-box", "eps_whitebox", "{:.2f}"), ("eps best", "eps_best", "{:.2f}"),
     ("guesses", "eps_best_guesses", "{}"), ("correct", "eps_best_correct", "{}"),
@@ -370,10 +377,13 @@ def markdown(arms: list[dict], units: list[dict], settings: AuditSettings) -> st
              "canary slots; per canary set the best of its scores (Bonferroni over scores "
              "and guess fractions); 'eps any' the best over every single-copy set and score "
              "(Bonferroni over all); 'ceiling' what a perfect attack would show with the "
-             "same slots and corrections. Test accuracy of the reference runs (no canaries); "
+             "same slots and corrections. Test accuracy of the reference runs (no canaries), "
+             f"with its {pct} bootstrap interval over runs and test examples; "
              "'canary rows retired' the fraction of included canary rows a censor retired.",
              ""]
     arm_columns = (("arm", "arm", "{}"), ("test acc", "test_accuracy", "{:.3f}"),
+                   ("acc low", "test_accuracy_low", "{:.3f}"),
+                   ("acc high", "test_accuracy_high", "{:.3f}"),
                    ("accountant eps", "epsilon_theory", "{:.2f}"),
                    *_eps_columns(settings), ("eps any", "eps_any", "{:.2f}"),
                    ("eps any ceiling", "eps_any_ceiling", "{:.2f}"),

@@ -228,6 +228,10 @@ def test_audit_epsilon_smoke(tmp_path):
         assert 0 <= unit["eps_best"] <= unit["eps_ceiling"] + 1e-9
         assert unit["canary_slots"] == 16
         assert (unit.get("eps_whitebox") is not None) == (unit["canary_kind"] == "dirac")
+    for row in saved["arms"] + saved["units"]:     # accuracy with its 95 % interval
+        assert row["test_accuracy_low"] <= row["test_accuracy"] <= row["test_accuracy_high"]
+        assert row["test_accuracy_high"] - row["test_accuracy_low"] > 0
+    assert "acc low" in (out / "table.md").read_text()
     dp = saved["arms"][0]
     assert 0.99 < dp["epsilon_theory"] <= 1.0 + 1e-9   # calibrated to just under the target
     npz = np.load(out / "scores" / "gnq-censor_tau_8" / "mislabel_x2.npz")
