@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from gujax.ghost.capture import capture
 from gujax.ghost.kernels import tape_gram, tape_gram_and_weighted_grad, tape_weighted_grad
+from gujax.models.cost import compiled_flops
 from gujax.uniqueness import gnq_from_gram
 
 
@@ -59,12 +60,6 @@ def parts(model: str, batch_size: int, seq_len: int = 64) -> dict[str, tuple]:
     return out
 
 
-def _flops(fn, args) -> float:
-    cost = fn.lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", float("nan")))
-
-
 def measure_split(model: str, batch_size: int, *, seq_len: int = 64, blocks: int = 5,
                   repeats: int = 10) -> list[dict]:
     """One row per part: median of block medians, spread, FLOPs, ratios to plain."""
@@ -73,7 +68,7 @@ def measure_split(model: str, batch_size: int, *, seq_len: int = 64, blocks: int
              for name, (fn, args) in fns.items()}
     times = measure_blocks(calls, blocks=blocks, repeats=repeats, warmup=2,
                            desc=f"{model} B={batch_size}")
-    flops = {name: _flops(fn, args) for name, (fn, args) in fns.items()}
+    flops = {name: compiled_flops(fn, *args) for name, (fn, args) in fns.items()}
     base_t, base_f = times["plain_batched"]["median"], flops["plain_batched"]
     return [dict(model=model, batch_size=batch_size, part=name,
                  step_seconds=t["median"], spread_seconds=list(t["spread"]),

@@ -39,6 +39,14 @@ def default_configs() -> dict[str, tuple]:
     }
 
 
+def compiled_flops(fn: Callable, *args) -> float:
+    """XLA's FLOP count for jitted ``fn`` compiled at ``args`` (NaN if the
+    backend does not say; library calls such as LAPACK are not counted)."""
+    cost = fn.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
 def _median_seconds(fn: Callable[[], jax.Array], repeats: int) -> float:
     jax.block_until_ready(fn())  # compile and warm up
     times = []
@@ -54,8 +62,6 @@ def measure(model, example, target_shape, *, repeats: int = 3, forward_batch: in
     """Parameter count, forward GFLOPs per example, ms per example (forward, per-example grads)."""
     params = jax.jit(model.init)(jax.random.key(0), example)["params"]
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    flops = apply.lower(params, example).compile().cost_analysis()
-    flops = flops[0] if isinstance(flops, (list, tuple)) else flops
 
     def loss(p, ex):
         logits = model.apply({"params": p}, ex["x"])
@@ -70,7 +76,7 @@ def measure(model, example, target_shape, *, repeats: int = 3, forward_batch: in
     grad_s = _median_seconds(lambda: grads(params, grad_batch_tree), repeats)
     return {
         "params": param_count(params),
-        "forward_gflops_per_example": flops.get("flops", float("nan")) / 1e9,
+        "forward_gflops_per_example": compiled_flops(apply, params, example) / 1e9,
         "forward_ms_per_example": 1e3 * forward_s / forward_batch,
         "per_example_grad_ms_per_example": 1e3 * grad_s / grad_batch,
         "forward_batch": forward_batch,
