@@ -42,14 +42,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from experiments import harness
-from experiments.harness import Settings, arm_text, option
+from experiments import cli, registry
+from experiments.cli import Settings, arm_text, option
 from experiments.report import environment, finite_or_none, format_table, jsonable, write_report
 from gujax.arms import Arm
 from gujax.audit.canaries import (KINDS, CanarySet, canary_membership, insert_canaries,
                                   make_canaries, train_canary_runs)
 from gujax.audit.epsilon import (GUESS_FRACTIONS, attack_auc, best_one_run_epsilon,
-                                 canary_logits, dirac_scores, loss_scores, multi_run_epsilon,
+                                 canary_logits, dirac_scores, canary_loss_scores, multi_run_epsilon,
                                  reference_scores)
 from gujax.audit.intervals import mean_interval
 from gujax.data import Dataset
@@ -118,7 +118,7 @@ class AuditSettings(Settings):
         if "dirac" in self.units_kinds and self.model != "mlp":
             raise ValueError("dirac canaries are scored white-box on an MLP's first layer: "
                              "use --model mlp or leave dirac out of --canary-kinds")
-        harness.check_arms(self.arms, self, by_name=True)
+        cli.check_arms(self.arms, self, by_name=True)
 
     @property
     def units_kinds(self) -> tuple[str, ...]:
@@ -141,7 +141,7 @@ _DEFAULT = AuditSettings(
          "training set), 32 canaries per set, 8 audited runs per arm and set (256 canary "
          "slots), 4 reference runs.")
 
-PRESETS = harness.presets(
+PRESETS = cli.presets(
     default=_DEFAULT,
     smoke=dataclasses.replace(
         _DEFAULT, hidden=(32,), epochs=2, batch_size=32, base_size=64, num_canaries=8,
@@ -165,7 +165,7 @@ PRESETS = harness.presets(
              "(1, 2, 4, 8 copies), 8 audited runs per arm and set, 4 reference runs. "
              "Needs --data-dir with the CIFAR-10 python batches (or TFDS)."),
 )
-EXPERIMENT = harness.Experiment("audit_epsilon", __doc__, PRESETS, resumable=True)
+EXPERIMENT = cli.Experiment("audit_epsilon", __doc__, PRESETS, resumable=True)
 
 
 # ----------------------------------------------------------------------------
@@ -183,19 +183,19 @@ def _kind_index(kind: str) -> int:
     return KINDS.index(kind)
 
 
-def prepare(run: harness.Run) -> Prepared:
+def prepare(run: cli.Run) -> Prepared:
     """The arms, the base set, the population, the canary sets and their
     membership bits, the model: every ``ValueError`` before any training."""
     s = run.settings
-    arms = [harness.make_arm(text, s) for text in s.arms]
-    train, population = harness.load_data(s, 0, s.population_size)
+    arms = [cli.make_arm(text, s) for text in s.arms]
+    train, population = registry.load_data(s, 0, s.population_size)
     if s.base_size >= len(train):
         raise ValueError(f"base_size ({s.base_size}) must leave canary sources in the "
                          f"{len(train)}-example train split")
     order = np.random.default_rng(s.seed).permutation(len(train))
     base = subset(train, np.sort(order[:s.base_size]))
     source = subset(train, np.sort(order[s.base_size:]))
-    model = harness.build_model(s, len(train.class_names), train.images.shape[1:])
+    model = registry.build_model(s, len(train.class_names), train.images.shape[1:])
     canaries, in_masks = {}, {}
     for kind, copies in s.canary_sets():
         # One draw per kind, whatever the copies: the duplicated sets hold the
@@ -241,13 +241,13 @@ def audit_unit(arm: Arm, settings: AuditSettings, prepared: Prepared, key: tuple
         sets.append((images, labels))
         rows.append(canary_of_row)
     start = time.perf_counter()
-    runs = train_canary_runs(arm, model=prepared.model, config=harness.train_config(settings),
+    runs = train_canary_runs(arm, model=prepared.model, config=cli.train_config(settings),
                              sets=sets, seeds=_seeds(settings, unit, len(sets)),
                              method=settings.method)
     wall = time.perf_counter() - start
     params = [r.params for r in runs]
     logits = canary_logits(prepared.model, params, canaries.images)
-    scores = {"loss": loss_scores(logits, canaries.labels),
+    scores = {"loss": canary_loss_scores(logits, canaries.labels),
               "lira": reference_scores(logits, reference_logits[canaries.kind],
                                        canaries.labels)}
     if canaries.kind == "dirac":
@@ -303,12 +303,12 @@ def _mean_over(runs, masks, field: str) -> float | None:
     return finite_or_none(picked.mean()) if picked.size else None
 
 
-def audit_arm(arm: Arm, settings: AuditSettings, prepared: Prepared, out: str
+def audit_canary_arm(arm: Arm, settings: AuditSettings, prepared: Prepared, out: str
               ) -> tuple[dict, list[dict]]:
     """Every canary set's unit for ``arm``, and the arm's summary row."""
     start = time.perf_counter()
     references = train_canary_runs(
-        arm, model=prepared.model, config=harness.train_config(settings),
+        arm, model=prepared.model, config=cli.train_config(settings),
         sets=[(prepared.base.images, prepared.base.labels)] * settings.num_references,
         seeds=_seeds(settings, 0, settings.num_references), method=settings.method)
     ref_params = [r.params for r in references]
@@ -435,7 +435,7 @@ def plot(arms: list[dict], units: list[dict], settings: AuditSettings, path: str
     fig.savefig(path, dpi=150)
 
 
-def execute(run: harness.Run, prepared: Prepared) -> dict:
+def execute(run: cli.Run, prepared: Prepared) -> dict:
     settings, out = run.settings, run.out
     start = time.perf_counter()
     arms, units = [], []
@@ -446,7 +446,7 @@ def execute(run: harness.Run, prepared: Prepared) -> dict:
             with open(done) as f:
                 summary, arm_units = json.load(f)
         else:
-            summary, arm_units = audit_arm(arm, settings, prepared, out)
+            summary, arm_units = audit_canary_arm(arm, settings, prepared, out)
             os.makedirs(os.path.dirname(done), exist_ok=True)
             with open(done + ".tmp", "w") as f:
                 json.dump(jsonable([summary, arm_units]), f)
@@ -463,7 +463,7 @@ def execute(run: harness.Run, prepared: Prepared) -> dict:
 
 
 def main(argv=None):
-    return harness.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
+    return cli.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,11 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
-from experiments import comparison, harness
+from experiments import cli, comparison, harness, registry
 from experiments.comparison import ComparisonSettings
-from experiments.harness import arm_text, option
+from experiments.cli import arm_text, option
 from experiments.report import jsonable, write_csv, write_json
-from gujax.arms import build_pipeline
-from gujax.train import evaluate, softmax_cross_entropy
+from gujax.train import evaluate
 
 # Tramer & Boneh's ScatterNet + linear test accuracy on CIFAR-10 at
 # (epsilon, delta) = (3, 1e-5) (their README), and how close the check asks.
@@ -61,9 +60,9 @@ class CifarSettings(ComparisonSettings):
 
     def check(self) -> None:
         super().check()
-        harness.check_arms(self.check_arms, self, by_name=True)
+        cli.check_arms(self.check_arms, self, by_name=True)
         if self.check_arms:
-            harness.train_config(self, epochs=self.check_epochs)
+            cli.train_config(self, epochs=self.check_epochs)
 
 
 # The DP-SGD literature's CIFAR-10 setting (De et al. 2022 train WRN-16-4 with
@@ -114,7 +113,7 @@ _CPU = dataclasses.replace(
          "models per arm on random halves (~5,000 each), 30 epochs; DP-SGD there at the "
          "same sampling rate (batch 820) with lr 1; the GNQ arms at batch 256, lr 0.01.")
 
-PRESETS = harness.presets(
+PRESETS = cli.presets(
     cpu=_CPU,
     paper=_PAPER,
     smoke=dataclasses.replace(
@@ -125,7 +124,7 @@ PRESETS = harness.presets(
         note="Smoke preset: ScatterNet features of 200 images, 4 models, 2 epochs; a "
              "plumbing check, not a measurement."),
 )
-EXPERIMENT = harness.Experiment("cifar", __doc__, PRESETS, default_preset="cpu",
+EXPERIMENT = cli.Experiment("cifar", __doc__, PRESETS, default_preset="cpu",
                                 results_name="cifar10", resumable=True)
 
 
@@ -140,8 +139,7 @@ def accuracy_interval(correct: np.ndarray, confidence: float = 0.95) -> tuple[fl
 
 
 def _check_row(text: str, settings: CifarSettings, train, test, model) -> dict:
-    arm = harness.make_arm(text, settings)
-    batch_size = arm.batch_size or settings.batch_size
+    arm = cli.make_arm(text, settings)
     start = time.perf_counter()
     (trained,) = harness.train_arm(arm, settings, model, [(train.images, train.labels)],
                                    [settings.seed])
@@ -151,16 +149,14 @@ def _check_row(text: str, settings: CifarSettings, train, test, model) -> dict:
         for i in range(0, len(test), 2000)])
     correct = logits.argmax(-1) == test.labels
     train_eval = evaluate(model, trained.params, train.images, train.labels)
-    pipeline = build_pipeline(arm, loss_fn=softmax_cross_entropy(model), train_size=len(train),
-                              batch_size=batch_size, epochs=settings.epochs, seed=settings.seed)
     row = {"arm": arm.name, "kind": arm.kind, "arm_spec": arm.to_json(),
            "train_n": len(train), "test_n": len(test), "epochs": settings.epochs,
-           "batch_size": batch_size,
-           "learning_rate": arm.learning_rate or settings.learning_rate,
+           "batch_size": trained.config.batch_size,
+           "learning_rate": trained.config.learning_rate,
            "test_accuracy": float(correct.mean()),
            "test_accuracy_ci": list(accuracy_interval(correct)),
            "train_accuracy": float(train_eval["eval_accuracy"]),
-           "epsilon": pipeline.epsilon, "noise_multiplier": pipeline.noise_multiplier,
+           "epsilon": trained.epsilon, "noise_multiplier": trained.noise_multiplier,
            "wall_seconds": wall}
     if arm.kind == "dpsgd":
         row["published_accuracy"] = PUBLISHED_ACCURACY if arm.epsilon == 3 else None
@@ -186,19 +182,19 @@ def check_verdict(row: dict) -> str | None:
     return text + "within 3 points, though the interval reaches beyond 3"
 
 
-def full_train_check(run: harness.Run) -> list[dict]:
+def full_train_check(run: cli.Run) -> list[dict]:
     """Each ``check_arms`` arm trained once on the whole train split and
     evaluated on the whole test split; rows are cached per arm in
     ``out/full_train/`` so a resumed run skips finished arms."""
     settings = dataclasses.replace(run.settings, epochs=run.settings.check_epochs)
     folder = os.path.join(run.out, "full_train")
     os.makedirs(folder, exist_ok=True)
-    train, test = harness.load_data(settings, 0, 0)
-    model = harness.build_model(settings, len(train.class_names), train.images.shape[1:])
+    train, test = registry.load_data(settings, 0, 0)
+    model = registry.build_model(settings, len(train.class_names), train.images.shape[1:])
     rows = []
     for text in tqdm(settings.check_arms, desc="full-train check",
                      disable=not settings.progress):
-        path = os.path.join(folder, harness.make_arm(text, settings).slug + ".json")
+        path = os.path.join(folder, cli.make_arm(text, settings).slug + ".json")
         if run.resume and os.path.exists(path):
             with open(path) as f:
                 row = json.load(f)
@@ -237,7 +233,7 @@ def check_table(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------
 # The command.
 
-def execute(run: harness.Run, prepared: comparison.Prepared) -> dict:
+def execute(run: cli.Run, prepared: comparison.Prepared) -> dict:
     """The check first (a run whose DP-SGD misses the published accuracy should
     not be trusted further), then the comparison (``comparison.execute``); the
     check's rows join results.json (``full_train``), full_train.csv and
@@ -258,7 +254,7 @@ def execute(run: harness.Run, prepared: comparison.Prepared) -> dict:
 
 
 def main(argv=None):
-    return harness.main(argv, EXPERIMENT, prepare=comparison.prepare, execute=execute)
+    return cli.main(argv, EXPERIMENT, prepare=comparison.prepare, execute=execute)
 
 
 if __name__ == "__main__":

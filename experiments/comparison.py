@@ -7,10 +7,10 @@ with the others as shadows, and report utility, membership-inference metrics,
 per-example disclosure and its relation to LiRA vulnerability.
 
 A dataset module supplies typed presets (``ComparisonSettings``, built on
-``experiments.harness.Settings``) and calls ``main``:
+``experiments.cli.Settings``) and calls ``main``:
 
-    PRESETS = harness.presets(default=ComparisonSettings(...), smoke=...)
-    EXPERIMENT = harness.Experiment("digits", __doc__, PRESETS, resumable=True)
+    PRESETS = cli.presets(default=ComparisonSettings(...), smoke=...)
+    EXPERIMENT = cli.Experiment("digits", __doc__, PRESETS, resumable=True)
     main(argv, EXPERIMENT)
 
 Every settings field is a command-line option (``--num-models 16``,
@@ -44,13 +44,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from experiments import harness
-# Re-exported: experiments.stacked imports it from here.
-from experiments.harness import enable_compilation_cache  # noqa: F401
-from experiments.harness import Settings, arm_text, option
+from experiments import cli, harness, registry
+from experiments.cli import Settings, arm_text, option
 from experiments.report import (environment, finite_or_none, format_interval, format_table,
                                 write_report)
-from gujax.arms import Arm
+from gujax.arms import ARM_KINDS, Arm
 from gujax.audit.intervals import attack_intervals, compare, interval_order, mean_interval
 from gujax.audit.plots import TradeoffPoint, plot_disclosure_vs_attack, plot_roc, plot_tradeoff
 from gujax.audit.shadow import (AUGMENTATIONS, ShadowAudit, ShadowRecord,
@@ -72,7 +70,7 @@ REQUIRED_KEYS = ("arm", "test_accuracy", "train_accuracy", "mia_auc",
 
 @dataclasses.dataclass(frozen=True)
 class ComparisonSettings(Settings):
-    """The comparison's settings: the shared ones (``harness.Settings``) and
+    """The comparison's settings: the shared ones (``cli.Settings``) and
     the pool, the shadow models, their queries and the arms."""
     pool_size: int = option(0, "membership pool: a random subset of the train split of this "
                                "size (0: all of it); each shadow model trains on a random half")
@@ -117,7 +115,7 @@ class ComparisonSettings(Settings):
         if unrecorded:
             raise ValueError(f"attack_augmentations {unrecorded} are not among the recorded "
                              f"query_augmentations {list(self.query_augmentations)}")
-        harness.check_arms(self.arms, self, by_name=True)
+        cli.check_arms(self.arms, self, by_name=True)
 
 
 # ----------------------------------------------------------------------------
@@ -251,7 +249,6 @@ def markdown_table(rows: list[dict], settings: ComparisonSettings, pool_n: int,
 # (key, name) of the attack figures the verdicts compare at.
 VERDICT_ATTACKS = (("mia_tpr_at_1pct_fpr", "LiRA TPR at 1% FPR", "TPR@1%"),
                    ("mia_auc", "LiRA AUC", "AUC"))
-GNQ_KINDS = ("censor", "clip")
 
 
 def verdicts(rows: list[dict]) -> dict:
@@ -268,7 +265,7 @@ def verdicts(rows: list[dict]) -> dict:
     arm lies below DP-SGD's curve), else "better" if it beats one, else "not
     distinguishable" if it matches one, else "trade-off".
     """
-    gnq = [r for r in rows if r.get("kind") in GNQ_KINDS]
+    gnq = [r for r in rows if r.get("kind") in ARM_KINDS and ARM_KINDS[r["kind"]].defense]
     dpsgd = [r for r in rows if r.get("kind") == "dpsgd"]
     sgd = next((r for r in rows if r.get("kind") == "sgd"), None)
     pairs, arms, versus_sgd = [], {}, {}
@@ -434,14 +431,14 @@ def _shadow_dir(out: str, arm: Arm) -> str:
     return os.path.join(out, "shadow", arm.slug)
 
 
-def prepare(run: harness.Run) -> Prepared:
+def prepare(run: cli.Run) -> Prepared:
     """The arms, the pool and population, the model, each arm's shadow
     models checked (a batch that fits; with --resume, the same run as the one
     in --out): every ``ValueError`` before anything is trained or written."""
     settings = run.settings
-    arms = [harness.make_arm(text, settings) for text in settings.arms]
-    pool, population = harness.load_data(settings, settings.pool_size, settings.population_size)
-    model = harness.build_model(settings, len(pool.class_names), pool.images.shape[1:])
+    arms = [cli.make_arm(text, settings) for text in settings.arms]
+    pool, population = registry.load_data(settings, settings.pool_size, settings.population_size)
+    model = registry.build_model(settings, len(pool.class_names), pool.images.shape[1:])
     for arm in arms:
         harness.check_shadow_audit(
             arm, settings, pool=pool, population=population, model=model,
@@ -450,7 +447,7 @@ def prepare(run: harness.Run) -> Prepared:
     return Prepared(arms, pool, population, model)
 
 
-def execute(run: harness.Run, prepared: Prepared) -> dict:
+def execute(run: cli.Run, prepared: Prepared) -> dict:
     """Train and attack every arm into ``run.out``; write and return the results."""
     settings, out = run.settings, run.out
     pool, population = prepared.pool, prepared.population
@@ -487,7 +484,7 @@ def execute(run: harness.Run, prepared: Prepared) -> dict:
     return results
 
 
-def main(argv, experiment: harness.Experiment) -> dict:
+def main(argv, experiment: cli.Experiment) -> dict:
     """``python -m experiments.<experiment.name>``: parse, check, run, report
-    (``harness.main``)."""
-    return harness.main(argv, experiment, prepare=prepare, execute=execute)
+    (``cli.main``)."""
+    return cli.main(argv, experiment, prepare=prepare, execute=execute)

@@ -51,8 +51,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gujax.data as gd  # noqa: E402
-from experiments import harness, memorisation  # noqa: E402
-from experiments.harness import option  # noqa: E402
+from experiments import cli, harness, memorisation, registry  # noqa: E402
+from experiments.cli import option  # noqa: E402
 from experiments.report import format_table  # noqa: E402
 from gujax.audit.attacks import loss_scores  # noqa: E402
 from gujax.audit.curvature import curvature_over_checkpoints  # noqa: E402
@@ -98,7 +98,7 @@ _DEFAULT = CurvatureSettings(
     target_epsilon=8.0, delta=1e-5, clip_norm=1.0, progress=True,
     note="256 digit members and 256 non-members, MLP 256, 60 epochs, 8 shadow models per "
          "arm; a few minutes on 2 CPU cores.")
-PRESETS = harness.presets(
+PRESETS = cli.presets(
     default=_DEFAULT,
     smoke=dataclasses.replace(_DEFAULT, num_train=128, num_test=64, num_audit=32, hidden=(16,),
                               epochs=2, checkpoint_epochs=(1, 2), batch_size=32, num_probes=4,
@@ -106,7 +106,7 @@ PRESETS = harness.presets(
                               note="128 digits, 2 epochs, 3 shadow models; a plumbing check "
                                    "in seconds, not a measurement."),
 )
-EXPERIMENT = harness.Experiment(NAME, __doc__, PRESETS)
+EXPERIMENT = cli.Experiment(NAME, __doc__, PRESETS)
 
 
 def lira_vulnerability(arm, settings: CurvatureSettings, model, data: dict):
@@ -121,7 +121,7 @@ def lira_vulnerability(arm, settings: CurvatureSettings, model, data: dict):
     return audit, record
 
 
-def audit_arm(arm, settings: CurvatureSettings, model, data: dict) -> tuple[dict, object]:
+def curvature_audit(arm, settings: CurvatureSettings, model, data: dict) -> tuple[dict, object]:
     """Curvature and membership figures of one arm; (record, the target's ledger)."""
     target = harness.train_arm(arm, settings, model,
                                [(data["train_images"], data["train_labels"])], [settings.seed],
@@ -282,7 +282,7 @@ def claims(arms: dict) -> list[dict]:
                 alpha=SIGNIFICANCE))
     if "sgd" in arms:
         for arm in arms:
-            if harness.arm_kind(arm) == "sgd":
+            if cli.arm_kind_of(arm) == "sgd":
                 continue
             plain, other = arms["sgd"], arms[arm]
 
@@ -304,7 +304,7 @@ def claims(arms: dict) -> list[dict]:
 
 
 def prepare_data(settings: CurvatureSettings) -> dict:
-    train_set, test_set = memorisation.load_data(settings)
+    train_set, test_set = memorisation.load_subsets(settings)
     rng = np.random.default_rng(settings.seed)
     member_index = np.sort(rng.choice(len(train_set), settings.num_audit, replace=False))
     out_index = np.sort(rng.choice(len(test_set), settings.num_audit, replace=False))
@@ -320,26 +320,26 @@ def prepare_data(settings: CurvatureSettings) -> dict:
         num_classes=len(train_set.class_names))
 
 
-def prepare(run: harness.Run) -> tuple[dict, object]:
+def prepare(run: cli.Run) -> tuple[dict, object]:
     """The data (``prepare_data``) and the model, checked to take its images,
     and the shadow models' batches checked against their training sets."""
     settings = run.settings
     data = prepare_data(settings)
-    model = harness.build_model(settings, data["num_classes"], data["train_images"].shape[1:])
+    model = registry.build_model(settings, data["num_classes"], data["train_images"].shape[1:])
     harness.check_shadow_audit(
-        harness.make_arm("sgd", settings), settings, pool=data["train_set"],
+        cli.make_arm("sgd", settings), settings, pool=data["train_set"],
         population=data["test_set"], model=model, num_models=settings.num_shadow,
         query_augmentations=("identity",))
     return data, model
 
 
-def execute(run: harness.Run, prepared: tuple[dict, object]) -> dict:
+def execute(run: cli.Run, prepared: tuple[dict, object]) -> dict:
     settings, out = run.settings, run.out
     data, model = prepared
     start = time.time()
     data["loss_fn"] = memorisation.xent_loss(model)  # one object: curvature compiles once
     results, thresholds = memorisation.run_arms(
-        settings, lambda text, arm: audit_arm(arm, settings, model, data), model,
+        settings, lambda text, arm: curvature_audit(arm, settings, model, data), model,
         data["train_images"], data["train_labels"])
     record = memorisation.base_record(settings)
     record.update({
@@ -357,7 +357,7 @@ def execute(run: harness.Run, prepared: tuple[dict, object]) -> dict:
 
 
 def main(argv=None) -> dict:
-    return harness.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
+    return cli.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ See docs/experiments.md for the arms, the outputs and measured figures.
 """
 import dataclasses
 
-from experiments import comparison, harness
+from experiments import cli, comparison
 from experiments.comparison import ComparisonSettings
 
 # A wide MLP on a 500-example pool (each model trains on ~250 digits) overfits
@@ -34,14 +34,14 @@ _DEFAULT = ComparisonSettings(
          "model trains on a random half), 12 shadow models per arm, MLP 64-512-10, "
          "60 epochs.")
 
-PRESETS = harness.presets(
+PRESETS = cli.presets(
     default=_DEFAULT,
     smoke=dataclasses.replace(
         _DEFAULT, pool_size=0, num_models=4, epochs=3, hidden=(64,), bootstrap_resamples=200,
         arms=("sgd", "dpsgd:eps=1", "censor:tau=8", "clip:max_step=0.1"),
         note="Smoke preset: 4 shadow models, 3 epochs; a plumbing check, not a measurement."),
 )
-EXPERIMENT = harness.Experiment("digits", __doc__, PRESETS, resumable=True)
+EXPERIMENT = cli.Experiment("digits", __doc__, PRESETS, resumable=True)
 
 
 def main(argv=None):

@@ -29,15 +29,15 @@ accounting assumes), epoch-wise shuffling for the others.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
 import gujax.data as gd
-from experiments import harness
-from experiments.harness import Settings, Thresholds, arm_text, option
+from experiments import cli, harness, registry
+from experiments.cli import Settings, Thresholds, arm_text, option
 from experiments.report import environment, write_report
 from gujax.arms import dp_calibration
 from gujax.train import softmax_cross_entropy
@@ -48,18 +48,18 @@ from gujax.train import softmax_cross_entropy
 
 @dataclasses.dataclass(frozen=True)
 class MemorisationSettings(Settings):
-    """The shared settings (``harness.Settings``) and what every memorisation
+    """The shared settings (``cli.Settings``) and what every memorisation
     experiment adds: its training and held-out subsets and DP-SGD's target."""
     num_train: int = option(512, "training examples: a random subset of the train split")
     num_test: int = option(256, "held-out examples: a random subset of the test split")
     target_epsilon: float = option(8.0, "DP-SGD's target epsilon, for the dpsgd arms that "
                                         "set no eps=")
 
-    def arm_defaults(self, kind: str) -> dict:
-        defaults = super().arm_defaults(kind)
-        if kind == "dpsgd":
-            defaults["epsilon"] = self.target_epsilon
-        return defaults
+    ARM_SETTING_FLAGS: ClassVar[dict[str, str]] = {**Settings.ARM_SETTING_FLAGS,
+                                                   "epsilon": "--target-epsilon"}
+
+    def arm_settings(self) -> dict:
+        return {**super().arm_settings(), "epsilon": self.target_epsilon}
 
     def check(self) -> None:
         super().check()
@@ -93,12 +93,12 @@ class ArmSettings(MemorisationSettings):
         for name in ("censor_quantile", "clip_quantile"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        harness.check_arms(self.arms, self, by_name=False)
+        cli.check_arms(self.arms, self, by_name=False)
 
 
-def load_data(settings: MemorisationSettings) -> tuple[gd.Dataset, gd.Dataset]:
+def load_subsets(settings: MemorisationSettings) -> tuple[gd.Dataset, gd.Dataset]:
     """(train, test): random subsets of ``num_train`` and ``num_test`` examples."""
-    return harness.load_data(settings, settings.num_train, settings.num_test,
+    return registry.load_data(settings, settings.num_train, settings.num_test,
                              names=("num_train", "num_test"))
 
 
@@ -122,9 +122,9 @@ def run_arms(settings: ArmSettings, audit: Callable, model, images: np.ndarray,
     without a budget take it from the quantiles of its ledger (a plain run on
     (images, labels) alone when no arm is that plain arm). Returns ({text:
     record}, thresholds)."""
-    plain = harness.make_arm("sgd", settings)
-    reference = next((t for t in settings.arms if harness.arm_kind(t) == "sgd"
-                      and harness.make_arm(t, settings) == plain), None)
+    plain = cli.make_arm("sgd", settings)
+    reference = next((t for t in settings.arms if cli.arm_kind_of(t) == "sgd"
+                      and cli.make_arm(t, settings) == plain), None)
     results = {}
     if reference is not None:
         results[reference], book = audit(reference, plain)
@@ -134,7 +134,7 @@ def run_arms(settings: ArmSettings, audit: Callable, model, images: np.ndarray,
     thresholds = gnq_thresholds(book, settings)
     for text in tqdm([t for t in settings.arms if t != reference], desc="arms",
                      disable=not settings.progress):
-        results[text], _ = audit(text, harness.make_arm(text, settings, thresholds))
+        results[text], _ = audit(text, cli.make_arm(text, settings, thresholds))
     return results, thresholds
 
 

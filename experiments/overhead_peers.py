@@ -2,9 +2,11 @@
 
     pip install -e '.[peers]'                         # torch 2.13.0 (CPU) + opacus
     python -m experiments.overhead_peers              # MLP 784-512-512-10, B = 256
+    python -m experiments.overhead_peers --preset smoke   # seconds; what the tests run
     python -m experiments.overhead_peers --batch-sizes 64 256 --blocks 7 --repeats 10
 
-Optional: without torch or opacus it prints what to install and exits 0.
+Optional: without torch or opacus it prints what to install and exits 0
+(after checking the command line; nothing is written).
 
 Methods (one training step each, MLP 784-512-512-10, ReLU, cross-entropy, SGD):
 
@@ -33,10 +35,16 @@ median of block medians, min-max of block medians), torch and JAX steps in
 the same blocks; torch steps are synchronous on CPU, the JAX ones end in
 ``block_until_ready``. torch runs with ``torch.set_num_threads(os.cpu_count())``.
 
-Also timed (JAX only): the DP-SGD noise alone, ``gujax.policies.gaussian_noise``
-on the MLP's 669,706 parameters for every ``gujax.policies.NOISE_PRNGS`` choice.
+Also timed (JAX only): the DP-SGD noise alone, ``gujax.noise.Noise.draw``
+on the MLP's 669,706 parameters for every ``gujax.noise.Noise`` choice.
 
-Writes ``<out>/overhead_peers.json``.
+Writes ``<out>/overhead_peers.json`` (``--out``, default
+``results/overhead_peers-<preset>``) beside ``run.json``.
+
+``BenchmarkSettings`` here is the typed settings base of the benchmarks
+(this one, ``experiments.overhead_split``, ``experiments.stacked``): what
+``experiments.cli.main`` needs of settings, without ``cli.Settings``' data,
+model and training fields.
 """
 from __future__ import annotations
 
@@ -44,13 +52,16 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as experiments.overhead
 
-import argparse
+import dataclasses
 import importlib
-import json
 import platform
-import sys
+import shlex
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
+
+from experiments import cli
+from experiments.cli import BenchmarkSettings, option
+from experiments.report import write_json
 
 MISSING_MESSAGE = ("experiments.overhead_peers needs PyTorch and Opacus, which are optional: "
                    "pip install -e '.[peers]' (torch==2.13.0, the CPU build, and opacus). "
@@ -61,6 +72,31 @@ CLIP, NOISE = 1.0, 1.0
 LEARNING_RATE = 0.1
 TORCH_METHODS = ("torch_plain", "torch_gnq_ghost", "opacus_dpsgd")
 JAX_METHODS = ("jax_plain", "jax_gnq_ghost", "jax_dpsgd")
+
+
+# ----------------------------------------------------------------------------
+# The benchmark's settings.
+
+@dataclasses.dataclass(frozen=True)
+class PeerSettings(BenchmarkSettings):
+    batch_sizes: tuple[int, ...] = option((256,), "batch sizes B, each timed in its own "
+                                                  "blocks (>= 2)")
+    blocks: int = option(5, "independent interleaved timing blocks (measure_blocks)")
+    repeats: int = option(7, "rounds per block, every step once a round")
+    noise: bool = option(True, "also time the DP-SGD noise alone per gujax.noise.Noise "
+                               "choice, at the first batch size (--no-noise: skip it)")
+
+    MINIMUMS: ClassVar[dict[str, int]] = {"batch_sizes": 2, "blocks": 1, "repeats": 1}
+
+
+_DEFAULT = PeerSettings(note="The MLP 784-512-512-10 at B = 256, 5 blocks of 7 rounds, "
+                             "with the noise timings.")
+PRESETS = cli.presets(
+    default=_DEFAULT,
+    smoke=dataclasses.replace(_DEFAULT, batch_sizes=(8,), blocks=1, repeats=1, noise=False,
+                              note="Smoke preset: B = 8, one block of one round, no noise "
+                                   "timings; a plumbing check, not a measurement."))
+EXPERIMENT = cli.Experiment("overhead_peers", __doc__, PRESETS)
 
 
 def _import_peers():
@@ -209,18 +245,21 @@ def make_jax_steps(batch_size: int, seed: int = 0) -> tuple[dict, Any]:
 
 
 def make_noise_steps(params) -> dict[str, Callable[[], Any]]:
-    """prng -> the jitted DP-SGD noise draw alone (gaussian_noise, std = 1)."""
+    """"impl schedule" -> the jitted DP-SGD noise draw alone (``Noise.draw``,
+    std = 1), for every ``gujax.noise.Noise``."""
     import jax
 
-    from gujax.policies import NOISE_PRNGS, gaussian_noise, noise_prng
+    from gujax.noise import KEY_IMPLS, SCHEDULES, Noise
 
     calls = {}
-    for prng in NOISE_PRNGS:
-        impl, flat = noise_prng(prng)
-        key = jax.random.key(0, impl=impl)
-        fn = jax.jit(lambda k, flat=flat: gaussian_noise(k, params, 1.0, flat=flat))
-        compiled = fn.lower(key).compile()
-        calls[prng] = (lambda c, k: lambda: jax.block_until_ready(c(k)))(compiled, key)
+    for impl in KEY_IMPLS:
+        for schedule in SCHEDULES:
+            noise = Noise(impl, schedule)
+            key = noise.key(0)
+            fn = jax.jit(lambda k, noise=noise: noise.draw(k, params, 1.0))
+            compiled = fn.lower(key).compile()
+            calls[f"{impl} {schedule}"] = (lambda c, k: lambda: jax.block_until_ready(c(k)))(
+                compiled, key)
     return calls
 
 
@@ -261,8 +300,8 @@ def measure(torch, opacus, batch_size: int, *, blocks: int, repeats: int,
         t = measure_blocks(make_noise_steps(w.params), blocks=blocks, repeats=repeats,
                            desc="noise")
         num = sum(int(np.size(p)) for p in jax.tree_util.tree_leaves(w.params))
-        for prng, r in t.items():
-            noise_rows.append(dict(prng=prng, num_params=num, seconds=r["median"],
+        for noise, r in t.items():
+            noise_rows.append(dict(noise=noise, num_params=num, seconds=r["median"],
                                    spread_seconds=list(r["spread"]),
                                    block_medians=r["block_medians"]))
     return rows, noise_rows, notes
@@ -294,22 +333,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[256])
-    parser.add_argument("--blocks", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-noise", action="store_true",
-                        help="skip timing the DP-SGD noise per NOISE_PRNGS choice")
-    parser.add_argument("--out", default="results/overhead_peers")
-    args = parser.parse_args(argv)
-    if any(b < 2 for b in args.batch_sizes) or args.blocks < 1 or args.repeats < 1:
-        raise SystemExit("batch sizes must be >= 2, --blocks and --repeats >= 1")
+class _PeersMissing(Exception):
+    """torch or opacus is not installed (``main`` prints what to install)."""
+
+
+def prepare(run: cli.Run):
+    """(torch, opacus), or ``_PeersMissing`` before ``--out`` is created."""
     peers = _import_peers()
     if peers is None:
-        print(MISSING_MESSAGE)
-        return None
+        raise _PeersMissing
+    return peers
+
+
+def execute(run: cli.Run, peers) -> dict:
     torch, opacus = peers
+    s = run.settings
+    if s.note:
+        print(s.note, flush=True)
     # The first layer's input needs no gradient, so full backward hooks fire on
     # module outputs only (what both ghost methods want); Opacus's non-secure
     # RNG is the benchmark's choice.
@@ -323,9 +363,9 @@ def main(argv=None) -> dict | None:
 
     load_before = os.getloadavg()
     rows, noise_rows, notes = [], [], {}
-    for i, b in enumerate(args.batch_sizes):
-        r, n, notes = measure(torch, opacus, b, blocks=args.blocks, repeats=args.repeats,
-                              noise=not args.no_noise and i == 0)
+    for i, b in enumerate(s.batch_sizes):
+        r, n, notes = measure(torch, opacus, b, blocks=s.blocks, repeats=s.repeats,
+                              noise=s.noise and i == 0)
         rows += r
         noise_rows += n
     load_after = os.getloadavg()
@@ -333,29 +373,35 @@ def main(argv=None) -> dict | None:
     for k, v in notes.items():
         print(f"{k}: {v}")
     if noise_rows:
-        print(f"DP-SGD noise alone (gaussian_noise, {noise_rows[0]['num_params']:,} params):")
+        print(f"DP-SGD noise alone (Noise.draw, {noise_rows[0]['num_params']:,} params):")
         for r in noise_rows:
-            print(f"  {r['prng']:18s} {_ms(r['seconds'], r['spread_seconds'])}")
+            print(f"  {r['noise']:24s} {_ms(r['seconds'], r['spread_seconds'])}")
     print(f"load (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, "
           f"after {tuple(round(v, 2) for v in load_after)}")
     result = dict(rows=rows, noise=noise_rows, notes=notes,
-                  settings=dict(batch_sizes=args.batch_sizes, blocks=args.blocks,
-                                repeats=args.repeats, reg=REG, l2_norm_clip=CLIP,
-                                noise_multiplier=NOISE, command=" ".join(
-                                    ["python -m experiments.overhead_peers"]
-                                    + list(sys.argv[1:] if argv is None else argv))),
+                  settings=dict(s.record(), reg=REG, l2_norm_clip=CLIP,
+                                noise_multiplier=NOISE, command=shlex.join(
+                                    [*EXPERIMENT.command.split(), *run.argv])),
                   versions=dict(torch=torch.__version__, opacus=opacus.__version__,
                                 jax=jax.__version__),
                   torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                   load=dict(before=list(load_before), after=list(load_after),
                             note="os.getloadavg(): 1, 5, 15 minute averages"),
                   machine=dict(platform=platform.platform(), backend=jax.default_backend()))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "overhead_peers.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    path = os.path.join(run.out, 'overhead_peers.json')
+    write_json(path, result)
     print(f"wrote {path}")
     return result
+
+
+def main(argv=None) -> dict | None:
+    """``python -m experiments.overhead_peers``; None (and nothing written)
+    without torch or opacus."""
+    try:
+        return cli.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
+    except _PeersMissing:
+        print(MISSING_MESSAGE)
+        return None
 
 
 if __name__ == "__main__":

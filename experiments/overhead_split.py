@@ -1,6 +1,7 @@
 """Where the GNQ ghost step's time goes: its parts timed side by side.
 
     python -m experiments.overhead_split                       # MLP, B = 256
+    python -m experiments.overhead_split --preset smoke        # seconds; what the tests run
     python -m experiments.overhead_split --model transformer --batch-size 64 --repeats 3
 
 Each part is jitted on its own and timed interleaved with the plain step
@@ -15,13 +16,14 @@ counted) and its time and FLOPs as ratios to the plain step:
 - ``gnq_from_gram``: the B x B solve alone, on that step's Gram;
 - ``gnq_ghost``: the whole step, as ``experiments.overhead`` times it.
 
-Writes ``split.json`` under ``--out``.
+Writes ``split.json`` under ``--out`` (default ``results/overhead_split-<preset>``),
+beside ``run.json``.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
+from typing import ClassVar
 
 # First: it sets OPENBLAS_NUM_THREADS before numpy and jax load OpenBLAS.
 from experiments.overhead import REG, make_steps, make_workload, measure_blocks
@@ -33,6 +35,33 @@ from gujax.ghost.capture import capture
 from gujax.ghost.kernels import tape_gram, tape_gram_and_weighted_grad, tape_weighted_grad
 from gujax.models.cost import compiled_flops
 from gujax.uniqueness import gnq_from_gram
+
+from experiments import cli
+from experiments.cli import option
+from experiments.cli import BenchmarkSettings
+from experiments.report import write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSettings(BenchmarkSettings):
+    model: str = option("mlp", "the workload (experiments.overhead.make_workload)",
+                        choices=("mlp", "cnn", "transformer"))
+    batch_size: int = option(256, "the batch size B")
+    seq_len: int = option(64, "the transformer's sequence length (--model transformer)")
+    blocks: int = option(5, "independent interleaved timing blocks (measure_blocks)")
+    repeats: int = option(10, "rounds per block, every part once a round")
+
+    MINIMUMS: ClassVar[dict[str, int]] = {"batch_size": 1, "seq_len": 1, "blocks": 1,
+                                          "repeats": 1}
+
+
+_DEFAULT = SplitSettings(note="The MLP 784-512-512-10 at B = 256, 5 blocks of 10 rounds.")
+PRESETS = cli.presets(
+    default=_DEFAULT,
+    smoke=dataclasses.replace(_DEFAULT, batch_size=8, seq_len=8, blocks=1, repeats=1,
+                              note="Smoke preset: B = 8, one block of one round; a "
+                                   "plumbing check, not a measurement."))
+EXPERIMENT = cli.Experiment("overhead_split", __doc__, PRESETS)
 
 
 def parts(model: str, batch_size: int, seq_len: int = 64) -> dict[str, tuple]:
@@ -76,32 +105,29 @@ def measure_split(model: str, batch_size: int, *, seq_len: int = 64, blocks: int
                  flop_ratio=flops[name] / base_f) for name, t in times.items()]
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("mlp", "cnn", "transformer"), default="mlp")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--blocks", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default="results/overhead_split")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.blocks < 1 or args.repeats < 1:
-        raise ValueError("--batch-size, --blocks and --repeats must be >= 1")
+def execute(run: cli.Run, prepared=None) -> list[dict]:
+    s = run.settings
+    if s.note:
+        print(s.note, flush=True)
     load_before = os.getloadavg()
-    rows = measure_split(args.model, args.batch_size, seq_len=args.seq_len,
-                         blocks=args.blocks, repeats=args.repeats)
+    rows = measure_split(s.model, s.batch_size, seq_len=s.seq_len, blocks=s.blocks,
+                         repeats=s.repeats)
     for r in rows:
         lo, hi = r["spread_seconds"]
         print(f"{r['part']:20s} {r['step_seconds'] * 1e3:9.3f} ms [{lo * 1e3:.3f}, {hi * 1e3:.3f}]"
               f"  x{r['time_ratio']:.2f} time  {r['flops'] / 1e6:9.1f} MFLOP"
               f"  x{r['flop_ratio']:.2f} flops")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "split.json"), "w") as f:
-        json.dump(dict(rows=rows, settings=vars(args),
-                       load=dict(before=list(load_before), after=list(os.getloadavg())),
-                       cpu_count=os.cpu_count(), backend=jax.default_backend()), f, indent=1)
-    print(f"wrote {os.path.join(args.out, 'split.json')}")
+    path = os.path.join(run.out, "split.json")
+    write_json(path, dict(
+        rows=rows, settings=s.record(),
+        load=dict(before=list(load_before), after=list(os.getloadavg())),
+        cpu_count=os.cpu_count(), backend=jax.default_backend()))
+    print(f"wrote {path}")
     return rows
+
+
+def main(argv=None) -> list[dict]:
+    return cli.main(argv, EXPERIMENT, prepare=lambda run: None, execute=execute)
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import gujax.data as gd  # noqa: E402
-from experiments import harness, memorisation  # noqa: E402
-from experiments.harness import option  # noqa: E402
+from experiments import cli, harness, memorisation, registry  # noqa: E402
+from experiments.cli import option  # noqa: E402
 from experiments.report import format_table  # noqa: E402
 from gujax.audit.reconstruction import (invert_dense_gradient, invert_gradient,  # noqa: E402
                                         match_reconstructions, psnr, ssim)
@@ -120,7 +120,7 @@ _DEFAULT = ReconstructionSettings(
     progress=True,
     note="6 batches of 8 digits at the initialisation and after 10 epochs of SGD, MLP 64, "
          "1,500 inversion steps; a few minutes on 2 CPU cores.")
-PRESETS = harness.presets(
+PRESETS = cli.presets(
     default=_DEFAULT,
     smoke=dataclasses.replace(_DEFAULT, num_train=128, hidden=(16,), batch_size=32,
                               train_epochs=1, num_batches=1, attack_batch_size=4,
@@ -128,7 +128,7 @@ PRESETS = harness.presets(
                               note="one batch of 4 digits, 40 inversion steps; a plumbing "
                                    "check in seconds, not a measurement."),
 )
-EXPERIMENT = harness.Experiment(NAME, __doc__, PRESETS)
+EXPERIMENT = cli.Experiment(NAME, __doc__, PRESETS)
 
 
 def capped_psnr(reconstruction, original) -> float:
@@ -156,7 +156,7 @@ def observed_gradients(grads, settings: ReconstructionSettings, gnq_scores, key_
                          expected_batch_size=b, seed=key_seed)
     dp_update, _ = dp.update(grads, dp.init(None))
     cap = float(np.quantile(np.asarray(disclosure(gnq_scores)), settings.clip_quantile))
-    clip = gnq_clip(max_step_disclosure=cap, num_examples=b, reg=settings.reg)
+    clip = gnq_clip(max_step=cap, num_examples=b, reg=settings.reg)
     clip_update, clip_state = clip.update(grads, clip.init(None), example_ids=jnp.arange(b))
     mean = jax.tree_util.tree_map(lambda g: g.mean(0), grads)
     return {"sgd": mean, "dpsgd": dp_update, "clip": clip_update,
@@ -342,17 +342,17 @@ def plot(path: str, results: dict) -> None:
     plt.close(fig)
 
 
-def prepare(run: harness.Run) -> tuple[gd.Dataset, object, float]:
+def prepare(run: cli.Run) -> tuple[gd.Dataset, object, float]:
     """The training subset, the model (checked to take its images) and
     DP-SGD's noise multiplier."""
     settings = run.settings
-    train_set, _ = memorisation.load_data(settings)
-    model = harness.build_model(settings, len(train_set.class_names),
+    train_set, _ = memorisation.load_subsets(settings)
+    model = registry.build_model(settings, len(train_set.class_names),
                                 train_set.images.shape[1:])
     return train_set, model, memorisation.dp_noise_multiplier(settings)
 
 
-def execute(run: harness.Run, prepared: tuple[gd.Dataset, object, float]) -> dict:
+def execute(run: cli.Run, prepared: tuple[gd.Dataset, object, float]) -> dict:
     settings, out = run.settings, run.out
     train_set, model, noise_multiplier = prepared
     start = time.time()
@@ -364,10 +364,10 @@ def execute(run: harness.Run, prepared: tuple[gd.Dataset, object, float]) -> dic
         # Each state its own DP noise and inversion starts.
         key = jax.random.fold_in(jax.random.key(settings.seed), STATES.index(state))
         if state == "init":
-            params = harness.init_params(model, train_set.images.shape[1:], settings.seed)
+            params = registry.init_params(model, train_set.images.shape[1:], settings.seed)
         else:
             params = harness.train_arm(
-                harness.make_arm("sgd", settings),
+                cli.make_arm("sgd", settings),
                 dataclasses.replace(settings, epochs=settings.train_epochs), model,
                 [(train_set.images, train_set.labels)], [settings.seed])[0].params
         batches = [attack_batch(model, params, np.asarray(gd.to_float(train_set.images[rows])),
@@ -398,7 +398,7 @@ def execute(run: harness.Run, prepared: tuple[gd.Dataset, object, float]) -> dic
 
 
 def main(argv=None) -> dict:
-    return harness.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
+    return cli.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ checked against G = 1's: the largest logit difference is printed beside the
 time, so a speed-up that changed the models would show.
 
 Writes ``<out>/stacked.json`` (rows: workload, arm, models_at_once,
-wall_seconds, speedup, max_logit_diff, plus the machine) and
-``<out>/stacked.png`` (speed-up against G).
+wall_seconds, speedup, max_logit_diff, plus the settings and the machine) and
+``<out>/stacked.png`` (speed-up against G), beside ``run.json``; ``--out``
+defaults to ``results/stacked-<preset>``.
 """
 from __future__ import annotations
 
@@ -24,35 +25,90 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see experiments/__init__.py
 
-import argparse
-import json
+import dataclasses
 import platform
 import shutil
 import statistics
 import tempfile
 import time
+from typing import ClassVar
 
 import jax
 import numpy as np
 from matplotlib.figure import Figure
 
+from gujax import checks
 from gujax.arms import parse_arm
 from gujax.audit.shadow import run_shadow_models
-from gujax.data import default_cache_dir, load, random_subset
+from gujax.data import load, random_subset
 from gujax.data.dataset import Dataset
 from gujax.models import MLP, SmallCNN
 from gujax.train import TrainConfig
 
-from experiments.comparison import enable_compilation_cache
+from experiments import cli
+from experiments.cli import option
+from experiments.cli import BenchmarkSettings
+from experiments.report import write_json
 
-PRESETS = {
-    "default": dict(arms=("sgd", "censor:tau=16", "dpsgd:eps=3"), num_models=12,
-                    group_sizes=(1, 3, 6, 12), repeats=2,
-                    mlp=dict(hidden=512, pool=500, epochs=20, batch_size=64),
-                    cnn=dict(widths=(8, 16), pool=256, epochs=2, batch_size=32)),
-    "smoke": dict(arms=("sgd",), num_models=2, group_sizes=(1, 2), repeats=1, mlp=dict(hidden=32, pool=80, epochs=2, batch_size=16),
-                  cnn=dict(widths=(8, 8), pool=48, epochs=1, batch_size=16)),
-}
+WORKLOADS = ("digits-mlp", "random32-cnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedSettings(BenchmarkSettings):
+    workloads: tuple[str, ...] = option(WORKLOADS, "the workloads timed", choices=WORKLOADS)
+    arms: tuple[str, ...] = option(("sgd", "censor:tau=16", "dpsgd:eps=3"),
+                                   "the arms, each with its budget (no thresholds here)",
+                                   parse=cli.arm_text)
+    num_models: int = option(12, "shadow models M trained per arm and G")
+    group_sizes: tuple[int, ...] = option((1, 3, 6, 12), "models trained at once G, the "
+                                                         "first 1 (the baseline)")
+    repeats: int = option(2, "timed rounds (after an untimed warm-up round)")
+    mlp_hidden: int = option(512, "digits-mlp: the MLP's hidden width")
+    mlp_pool: int = option(500, "digits-mlp: the pool, a random subset of digits' train split")
+    mlp_epochs: int = option(20, "digits-mlp: training epochs")
+    mlp_batch_size: int = option(64, "digits-mlp: training batch size")
+    cnn_widths: tuple[int, ...] = option((8, 16), "random32-cnn: SmallCNN's channel widths")
+    cnn_pool: int = option(256, "random32-cnn: the pool of random 32x32x3 images")
+    cnn_epochs: int = option(2, "random32-cnn: training epochs")
+    cnn_batch_size: int = option(32, "random32-cnn: training batch size")
+
+    MINIMUMS: ClassVar[dict[str, int]] = {
+        "num_models": 1, "group_sizes": 1, "repeats": 1, "mlp_hidden": 1, "mlp_pool": 2,
+        "mlp_epochs": 1, "mlp_batch_size": 1, "cnn_widths": 1, "cnn_pool": 2,
+        "cnn_epochs": 1, "cnn_batch_size": 1}
+
+    def arm_settings(self) -> dict:
+        """Arms take nothing from these settings (``cli.make_arm``)."""
+        return {}
+
+    def check(self) -> None:
+        super().check()
+        checks.subset(self.workloads, WORKLOADS, "--workloads")
+        if self.group_sizes[0] != 1:
+            raise ValueError(f"--group-sizes must start with 1 (the baseline), got "
+                             f"{' '.join(map(str, self.group_sizes))}")
+        if not self.arms:
+            raise ValueError("--arms needs one or more values")
+        for text in self.arms:
+            try:
+                parse_arm(text)
+            except ValueError as err:
+                raise ValueError(f"arm {text!r}: {err}") from None
+        cli.check_arms(self.arms, self, by_name=True)
+
+
+_DEFAULT = StackedSettings(note="12 shadow models per arm, G in 1, 3, 6, 12, two timed "
+                                "rounds: the digits MLP (20 epochs) and a small CNN on "
+                                "random images (2 epochs).")
+PRESETS = cli.presets(
+    default=_DEFAULT,
+    smoke=dataclasses.replace(
+        _DEFAULT, arms=("sgd",), num_models=2, group_sizes=(1, 2), repeats=1, mlp_hidden=32,
+        mlp_pool=80, mlp_epochs=2, mlp_batch_size=16, cnn_widths=(8, 8), cnn_pool=48,
+        cnn_epochs=1, cnn_batch_size=16,
+        note="Smoke preset: 2 models, G in 1, 2, one round, tiny models; a plumbing "
+             "check, not a measurement."))
+EXPERIMENT = cli.Experiment("stacked", __doc__, PRESETS)
 
 
 def _random_images(n: int, seed: int, split: str) -> Dataset:
@@ -63,28 +119,28 @@ def _random_images(n: int, seed: int, split: str) -> Dataset:
                    name="random32", split=split)
 
 
-def workloads(preset: dict) -> dict[str, dict]:
-    """name -> run_shadow_models keyword arguments (pool, population, model, config)."""
-    mlp, cnn = preset["mlp"], preset["cnn"]
-    digits_train, digits_test = load("digits", "train"), load("digits", "test")
-    return {
-        "digits-mlp": dict(
-            pool=random_subset(digits_train, mlp["pool"], 0), population=digits_test,
-            model=MLP(hidden=(mlp["hidden"],)),
-            config=TrainConfig(epochs=mlp["epochs"], batch_size=mlp["batch_size"],
-                               learning_rate=0.2, progress=False)),
-        "random32-cnn": dict(
-            pool=_random_images(cnn["pool"], 0, "train"),
-            population=_random_images(cnn["pool"] // 2, 1, "test"),
-            model=SmallCNN(widths=tuple(cnn["widths"])),
-            config=TrainConfig(epochs=cnn["epochs"], batch_size=cnn["batch_size"],
-                               learning_rate=0.1, progress=False)),
-    }
+def workload(name: str, s: StackedSettings) -> dict:
+    """run_shadow_models keyword arguments (pool, population, model, config)."""
+    if name == "digits-mlp":
+        train = load("digits", "train")
+        if s.mlp_pool > len(train):
+            raise ValueError(f"--mlp-pool is at most {len(train)} (digits' train split), "
+                             f"got {s.mlp_pool}")
+        return dict(
+            pool=random_subset(train, s.mlp_pool, 0),
+            population=load("digits", "test"), model=MLP(hidden=(s.mlp_hidden,)),
+            config=TrainConfig(epochs=s.mlp_epochs, batch_size=s.mlp_batch_size,
+                               learning_rate=0.2, progress=False))
+    return dict(
+        pool=_random_images(s.cnn_pool, 0, "train"),
+        population=_random_images(s.cnn_pool // 2, 1, "test"),
+        model=SmallCNN(widths=s.cnn_widths),
+        config=TrainConfig(epochs=s.cnn_epochs, batch_size=s.cnn_batch_size,
+                           learning_rate=0.1, progress=False))
 
 
-def measure(name: str, setup: dict, arm_text: str, num_models: int, group_sizes,
+def measure(name: str, setup: dict, arm, num_models: int, group_sizes,
             repeats: int, scratch: str) -> list[dict]:
-    arm = parse_arm(arm_text)
     times = {g: [] for g in group_sizes}
     logits = {}
     # Round 0 is a warm-up, not timed: it fills the persistent compilation
@@ -128,41 +184,38 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=150)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    parser.add_argument("--workloads", nargs="+", default=None,
-                        help="subset of digits-mlp, random32-cnn")
-    parser.add_argument("--out", default=None, help="default results/stacked-<preset>")
-    args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
-    out = args.out or os.path.join("results", f"stacked-{args.preset}")
-    os.makedirs(out, exist_ok=True)
-    setups = workloads(preset)
-    chosen = args.workloads or list(setups)
-    unknown = sorted(set(chosen) - set(setups))
-    if unknown:
-        parser.error(f"unknown workloads {unknown}; choose from {sorted(setups)}")
+def prepare(run: cli.Run) -> dict[str, dict]:
+    """name -> run_shadow_models keyword arguments, for each chosen workload
+    (a pool larger than the digits split is a ``ValueError``: bad input)."""
+    return {name: workload(name, run.settings) for name in run.settings.workloads}
+
+
+def execute(run: cli.Run, setups: dict[str, dict]) -> dict:
+    s = run.settings
+    if s.note:
+        print(s.note, flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="gujax-stacked-") as scratch:
-        enable_compilation_cache(os.path.join(default_cache_dir(), "jax"))
-        for name in chosen:
-            for arm_text in preset["arms"]:
-                new = measure(name, setups[name], arm_text, preset["num_models"],
-                              tuple(preset["group_sizes"]), preset["repeats"], scratch)
+        for name, setup in setups.items():
+            for arm_text in s.arms:
+                new = measure(name, setup, cli.make_arm(arm_text, s), s.num_models,
+                              s.group_sizes, s.repeats, scratch)
                 for r in new:
                     print(f"{r['workload']:13s} {r['arm']:18s} G={r['models_at_once']:<3d} "
                           f"{r['wall_seconds']:7.1f} s  x{r['speedup']:.2f}  "
                           f"max |logit diff| {r['max_logit_diff']:.1e}", flush=True)
                 rows += new
-    result = {"rows": rows, "preset": args.preset, "settings": preset,
+    result = {"rows": rows, "preset": s.preset, "settings": s.record(),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "jax": jax.__version__, "backend": jax.default_backend()}}
-    with open(os.path.join(out, "stacked.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot(rows, os.path.join(out, "stacked.png"))
-    print(f"wrote {out}/stacked.json and stacked.png")
+    write_json(os.path.join(run.out, "stacked.json"), result)
+    plot(rows, os.path.join(run.out, "stacked.png"))
+    print(f"wrote {run.out}/stacked.json and stacked.png")
     return result
+
+
+def main(argv=None) -> dict:
+    return cli.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gujax.data as gd  # noqa: E402
-from experiments import harness, memorisation  # noqa: E402
-from experiments.harness import option  # noqa: E402
+from experiments import cli, harness, memorisation, registry  # noqa: E402
+from experiments.cli import option  # noqa: E402
 from experiments.report import format_table  # noqa: E402
 from gujax.audit.unique_features import (feature_kl, insert_patch, memorisation_score,  # noqa: E402
                                          stamp_text)
@@ -79,7 +79,7 @@ _DEFAULT = UniqueFeaturesSettings(
     target_epsilon=8.0, delta=1e-5, clip_norm=1.0, progress=True,
     note="512 digits, MLP 64, 30 epochs, a checkerboard patch on one image, 6 references "
          "per arm; a few minutes on 2 CPU cores.")
-PRESETS = harness.presets(
+PRESETS = cli.presets(
     default=_DEFAULT,
     smoke=dataclasses.replace(_DEFAULT, num_train=128, num_test=64, hidden=(16,), epochs=2,
                               batch_size=32, num_reference=2, arms=("sgd", "dpsgd", "censor"),
@@ -87,7 +87,7 @@ PRESETS = harness.presets(
                               note="128 digits, 2 epochs, 2 references; a plumbing check in "
                                    "seconds, not a measurement."),
 )
-EXPERIMENT = harness.Experiment(NAME, __doc__, PRESETS)
+EXPERIMENT = cli.Experiment(NAME, __doc__, PRESETS)
 # A memorisation z-score above this counts as "the target reacts to the
 # feature more than the references do" in the printed verdicts.
 Z_MEMORISED = 2.0
@@ -227,7 +227,7 @@ def plot(path: str, data: dict, arms: dict) -> None:
 
 def prepare_data(settings: UniqueFeaturesSettings) -> dict:
     """Training set with/without the feature on the carrier, OOD images, test set."""
-    train_set, test_set = memorisation.load_data(settings)
+    train_set, test_set = memorisation.load_subsets(settings)
     rng = np.random.default_rng(settings.seed)
     carrier = int(rng.integers(len(train_set)))
     label = int(train_set.labels[carrier])
@@ -242,14 +242,14 @@ def prepare_data(settings: UniqueFeaturesSettings) -> dict:
                 num_classes=len(train_set.class_names))
 
 
-def prepare(run: harness.Run) -> tuple[dict, object]:
+def prepare(run: cli.Run) -> tuple[dict, object]:
     """The data (``prepare_data``) and the model, checked to take its images."""
     data = prepare_data(run.settings)
-    return data, harness.build_model(run.settings, data["num_classes"],
+    return data, registry.build_model(run.settings, data["num_classes"],
                                      data["clean"].shape[1:])
 
 
-def execute(run: harness.Run, prepared: tuple[dict, object]) -> dict:
+def execute(run: cli.Run, prepared: tuple[dict, object]) -> dict:
     settings, out = run.settings, run.out
     data, model = prepared
     start = time.time()
@@ -276,7 +276,7 @@ def execute(run: harness.Run, prepared: tuple[dict, object]) -> dict:
 
 
 def main(argv=None) -> dict:
-    return harness.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
+    return cli.main(argv, EXPERIMENT, prepare=prepare, execute=execute)
 
 
 TABLE = [("arm", "arm", "{}"), ("test acc", "test_accuracy", "{:.3f}"),
@@ -347,7 +347,7 @@ def claims(arms: dict, settings: UniqueFeaturesSettings) -> list[dict]:
             f"without the feature in the references: percentiles "
             f"{', '.join(f'{p:.1f}' for p in refs)}"))
     for arm in arms:
-        kind = harness.arm_kind(arm)
+        kind = cli.arm_kind_of(arm)
         if kind == "sgd":
             continue
         text = DEFENSE_CLAIMS[kind] + ("" if arm == kind else f" ({arm})")

@@ -72,6 +72,13 @@ def num_scored(value, n: int) -> int:
     return int(value)
 
 
+def fraction(value, name: str) -> float:
+    """A number in [0, 1)."""
+    if not _is_real(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
 def rate(value, name: str = "sample_rate") -> float:
     """A fraction in (0, 1]."""
     if not _is_real(value) or not 0 < value <= 1:

@@ -1,20 +1,23 @@
 """DP-SGD as optax transformations over per-example gradients.
 
 Both are adapters of ``gujax.policies.dpsgd_policy``, the one DP-SGD of gujax
-(the trainer's explicit and ghost stages use the same policy): per-example
+(the trainer's explicit and ghost stages and ``gujax.ghost.ghost_dpsgd`` use
+the same policy, through the same ``gujax.engine.policy_step``): per-example
 L2 clipping to C, Gaussian noise N(0, sigma^2 C^2 I) on the sum, with
 
 * padding rows (``mask`` False, from ``gujax.sampling.poisson_batch``) and
   rows whose gradient is not finite contributing exactly nothing;
-* the noisy sum divided by the *expected* batch size q N, not by the padded
-  or realised size, which would make the scale data-dependent;
-* the noise drawn with optax's key schedule, so ``dpsgd_aggregate`` gives
+* the noisy sum divided by the *expected* batch size q N (required), not by
+  the padded or realised size, which would make the scale data-dependent;
+* the noise drawn by a ``gujax.noise.Noise`` (by default optax's key
+  schedule, so ``dpsgd_aggregate`` gives
   ``optax.contrib.differentially_private_aggregate``'s update for the same
-  key (scaled by B / expected_batch_size).
+  key, scaled by B / expected_batch_size).
 
-They take the same keywords as the GNQ transformations (``dpsgd_aggregate``
-accepts ``example_ids`` and ignores it), so the trainer can swap one for the
-other.
+Their state is a ``DpsgdState``: the key, sigma, C and the expected batch
+size, and for ``dpsgd_monitor`` the ledger. They take the same keywords as
+the GNQ transformations (``dpsgd_aggregate`` accepts ``example_ids`` and
+ignores it), so the trainer can swap one for the other.
 
 ``dpsgd_monitor`` adds a GNQ disclosure ledger over the *clipped* gradients
 with the absolute floor lam = sigma^2 C^2: the injected noise is exactly such
@@ -27,24 +30,15 @@ from typing import Any
 
 import optax
 
-from gujax import checks
-from gujax.policies import DpsgdMonitorState, clip_factors, dpsgd_policy, gaussian_noise
+from gujax.noise import Noise
+from gujax.policies import dpsgd_policy
 from gujax.transforms import policy_transformation
 
-__all__ = ["DpsgdMonitorState", "clip_factors", "dpsgd_aggregate", "dpsgd_monitor",
-           "gaussian_noise"]
-
-
-def _check(l2_norm_clip, expected_batch_size, noise_multiplier, *, ledger: bool):
-    context = " (dpsgd_monitor's ledger needs a noise floor)" if ledger else ""
-    checks.positive_finite(l2_norm_clip, "l2_norm_clip", context=context)
-    checks.positive_finite(noise_multiplier, "noise_multiplier", allow_zero=not ledger,
-                           context=context)
-    checks.positive_finite(expected_batch_size, "expected_batch_size", context=context)
+__all__ = ["dpsgd_aggregate", "dpsgd_monitor"]
 
 
 def dpsgd_aggregate(*, l2_norm_clip: float, noise_multiplier: float,
-                    expected_batch_size: float, seed: int, prng: str = "threefry2x32"
+                    expected_batch_size: float, seed: int, noise: Noise = Noise()
                     ) -> optax.GradientTransformationExtraArgs:
     """DP-SGD's private aggregation of per-example gradients.
 
@@ -53,26 +47,24 @@ def dpsgd_aggregate(*, l2_norm_clip: float, noise_multiplier: float,
       noise_multiplier: sigma >= 0, noise standard deviation in units of C.
       expected_batch_size: q N for Poisson sampling (q the sample rate, N the
         training-set size), or the fixed batch size.
-      seed: seeds the noise; the key lives in the state
-        (``DifferentiallyPrivateAggregateState``), so a restored state
-        continues the same noise stream.
-      prng: the noise key's implementation (``gujax.policies.NOISE_PRNGS``;
-        see ``dpsgd_policy``): another stream, the same distribution.
+      seed: seeds the noise; the key lives in the state (``DpsgdState``), so
+        a restored state continues the same noise stream.
+      noise: the generator (``gujax.noise.Noise``): another choice, another
+        stream, the same distribution.
 
     update(per_example_grads, state, params=None, *, mask=None, **ignored):
       per_example_grads: leaves (B, *param.shape), B the padded batch size.
       mask: (B,) bool, False for padding rows.
       Returns (sum_j clip(g_j) + N(0, sigma^2 C^2 I)) / expected_batch_size.
     """
-    _check(l2_norm_clip, expected_batch_size, noise_multiplier, ledger=False)
     return policy_transformation(dpsgd_policy(
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size, seed=seed, prng=prng))
+        expected_batch_size=expected_batch_size, seed=seed, noise=noise))
 
 
 def dpsgd_monitor(*, l2_norm_clip: float, noise_multiplier: float,
                   expected_batch_size: float, seed: int, num_examples: int,
-                  dtype: Any = None, prng: str = "threefry2x32"
+                  dtype: Any = None, noise: Noise = Noise()
                   ) -> optax.GradientTransformationExtraArgs:
     """DP-SGD aggregation with a per-example GNQ disclosure ledger.
 
@@ -83,21 +75,18 @@ def dpsgd_monitor(*, l2_norm_clip: float, noise_multiplier: float,
         GNQ_j = clip(g_j)^T (sum_{k != j} clip(g_k) clip(g_k)^T + sigma^2 C^2 I)^-1 clip(g_j)
 
     Since ||clip(g_j)|| <= C, one step discloses at most 1/2 log(1 + 1/sigma^2)
-    nats about any example. The state is a ``DpsgdMonitorState`` (ledger,
-    noise key, sigma).
+    nats about any example.
 
     Args: as ``dpsgd_aggregate`` (noise_multiplier must be > 0: it is the
       ledger's floor), plus
       num_examples: size of the ledger (example ids lie in [0, num_examples)).
       dtype: dtype of the Gram matrix and solve (``jnp.float64`` with x64).
-      prng: the noise key's implementation, as ``dpsgd_aggregate``.
 
     update(per_example_grads, state, params=None, *, example_ids, mask=None):
       per_example_grads: leaves (B, *param.shape); example_ids (B,) int;
       mask (B,) bool, False for padding rows. Returns (update, new state).
     """
-    _check(l2_norm_clip, expected_batch_size, noise_multiplier, ledger=True)
     return policy_transformation(dpsgd_policy(
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
         expected_batch_size=expected_batch_size, seed=seed, num_examples=num_examples,
-        prng=prng), dtype=dtype)
+        noise=noise), dtype=dtype)

@@ -1,9 +1,9 @@
 """Gradient engines, and the one training stage built from an engine and a policy.
 
 An *engine* turns (params, a batch of examples) into a ``GradientPass``: the
-per-example losses, the Gram matrix K_jk = <g_j, g_k> (or only its diagonal,
-the squared norms) and the weighted sum sum_j w_j g_j. Two engines give the
-same pass to rounding:
+per-example losses, the batch statistics a policy reads (``BatchStats``: the
+squared norms, and the Gram matrix K_jk = <g_j, g_k> when asked for) and the
+weighted sum sum_j w_j g_j. Two engines give the same pass to rounding:
 
     explicit_engine(loss_fn)   vmap(grad): per-example gradients materialised
     ghost_engine(loss_fn)      gujax.ghost: one batch backward pass and
@@ -37,7 +37,7 @@ import optax
 from gujax.ghost.capture import capture
 from gujax.ghost.kernels import tape_gram_keeping_grads, tape_sq_norms, tape_weighted_grad
 from gujax.grads import batch_size, gram as gram_matrix, per_example_losses_and_grads
-from gujax.policies import Policy
+from gujax.policies import BatchStats, Policy
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -48,14 +48,17 @@ class GradientPass(NamedTuple):
     """What an engine computed for one batch (trace-time functions, no state).
 
     losses: (B,) per-example losses.
-    gram(dtype=None) -> (B, B); sq_norms() -> (B,) its diagonal, cheaper;
-    weighted_sum(weights (B,)) -> sum_j w_j g_j shaped like params (rows with
-      weight 0 are skipped exactly, even if their gradient is NaN).
+    statistics(cross_terms, dtype=None) -> ``BatchStats``: the (B,) squared
+      norms, and with ``cross_terms`` the (B + R, B + R) Gram matrix in
+      ``dtype`` (its diagonal then gives the norms; without, the cheaper norm
+      kernels run and no cross term is formed).
+    weighted_sum(weights (B,), stats) -> sum_j w_j g_j shaped like params
+      (rows with weight 0 are skipped exactly, even if their gradient is NaN;
+      ``stats`` carries what the statistics already materialised).
     """
     losses: jax.Array
-    gram: Callable[..., jax.Array]
-    sq_norms: Callable[[], jax.Array]
-    weighted_sum: Callable[[jax.Array], PyTree]
+    statistics: Callable[..., BatchStats]
+    weighted_sum: Callable[[jax.Array, BatchStats], PyTree]
 
 
 class Engine(NamedTuple):
@@ -89,11 +92,14 @@ def gradients_pass(per_example: PyTree, losses: jax.Array | None = None, *,
     """
     rows = per_example if reference is None else _with_reference(per_example, reference)
     b = batch_size(per_example, name="per-example gradients")
-    return GradientPass(
-        losses=losses,
-        gram=lambda dtype=None: gram_matrix(rows, dtype=dtype),
-        sq_norms=lambda: _sq_norms(per_example),
-        weighted_sum=lambda w: weighted_sum(per_example, w[:b]))
+
+    def statistics(cross_terms, dtype=None):
+        if not cross_terms:
+            return BatchStats(_sq_norms(per_example))
+        k = gram_matrix(rows, dtype=dtype)
+        return BatchStats(jnp.diagonal(k)[:b], k)
+    return GradientPass(losses=losses, statistics=statistics,
+                        weighted_sum=lambda w, stats: weighted_sum(per_example, w[:b]))
 
 
 def _with_reference(per_example: PyTree, reference: PyTree) -> PyTree:
@@ -124,19 +130,18 @@ def ghost_engine(loss_fn: LossFn) -> Engine:
     forward/backward pass, per-layer ghost or materialised kernels."""
     def run(params, examples):
         tape = capture(loss_fn, params, examples)
-        # The per-example gradients the Gram materialised, for the update to
-        # sum instead of a second weight-gradient pass (same trace: a policy
-        # asks for the Gram, then for the weighted sum).
-        kept = {}
 
-        def gram(dtype=None):
+        def statistics(cross_terms, dtype=None):
+            if not cross_terms:
+                return BatchStats(tape_sq_norms(tape))
+            # The per-example gradients the Gram materialised go with it, for
+            # the update to sum instead of a second weight-gradient pass.
             k, grads = tape_gram_keeping_grads(tape, dtype=dtype)
-            kept.update(grads)
-            return k
+            return BatchStats(jnp.diagonal(k), k, grads)
         return GradientPass(
-            losses=tape.losses, gram=gram,
-            sq_norms=lambda: tape_sq_norms(tape),
-            weighted_sum=lambda w: tape_weighted_grad(tape, params, w, kept=kept))
+            losses=tape.losses, statistics=statistics,
+            weighted_sum=lambda w, stats: tape_weighted_grad(tape, params, w,
+                                                             kept=dict(stats.materialised or {})))
     return Engine("ghost", run)
 
 
@@ -188,15 +193,15 @@ def step_metrics(losses: jax.Array, mask: jax.Array | None, state) -> dict:
 
 
 def policy_step(grad_pass: GradientPass, policy: Policy, state, *, example_ids, mask,
-                gram: jax.Array | None = None, dtype: Any = None):
+                stats: BatchStats | None = None, dtype: Any = None):
     """One policy decision on an engine's pass: (update, new state, weights).
 
-    The Gram matrix is computed only if not given, and only its diagonal (the
-    (B,) squared norms) when the policy reads nothing else."""
-    if gram is None:
-        gram = grad_pass.gram(dtype) if policy.cross_terms else grad_pass.sq_norms()
-    weights, state = policy.weights(gram, example_ids, mask, state)
-    update, state = policy.finish(grad_pass.weighted_sum(weights), state)
+    The statistics are computed only if not given, the Gram matrix only when
+    the policy reads cross terms."""
+    if stats is None:
+        stats = grad_pass.statistics(policy.cross_terms, dtype)
+    weights, state = policy.weights(stats, example_ids, mask, state)
+    update, state = policy.finish(grad_pass.weighted_sum(weights, stats), state)
     return update, state, weights
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from gujax import checks
 from gujax.data import cache
 from gujax.data.dataset import Dataset
+from gujax.noise import clipped_gaussian_sum_numpy
 
 # kymatio 0.3.0 imports scipy.special.sph_harm, which SciPy 1.15 deprecated
 # and later removed in favour of sph_harm_y (degree and order swapped, and
@@ -304,12 +305,8 @@ def private_standardizer(dataset: Dataset, *, noise_multiplier: float, clip_mean
         return Standardizer(mean, np.maximum(square - mean**2, 0.0), ())
     rng = np.random.default_rng(seed)
 
-    def noisy_mean(values, clip):
-        norms = np.linalg.norm(values, axis=1, keepdims=True)
-        clipped = values * np.minimum(1.0, clip / np.maximum(norms, 1e-30))
-        return (clipped.sum(0) + rng.normal(0.0, noise_multiplier * clip, values.shape[1])) / n
-
-    mean = noisy_mean(first, clip_mean)
-    square = noisy_mean(second, clip_square)
+    # The Gaussian mechanism of gujax.noise (its numpy twin: host statistics).
+    mean = clipped_gaussian_sum_numpy(first, clip_mean, noise_multiplier, rng) / n
+    square = clipped_gaussian_sum_numpy(second, clip_square, noise_multiplier, rng) / n
     return Standardizer(mean, np.maximum(square - mean**2, 0.0),
                         (float(noise_multiplier), float(noise_multiplier)))

@@ -1,18 +1,27 @@
 """Policies: what to do with each example's gradient, decided from the Gram matrix.
 
-A policy never sees a gradient. It sees the (B + R, B + R) Gram matrix K of
-the step's B batch rows (then R reference rows), the examples' ids and the
-padding mask, and its own state, and returns one weight per batch row; the
-gradient engine (``gujax.engine``) then forms sum_j w_j g_j and the policy
-finishes it into the update (DP-SGD adds its noise there):
+A policy never sees a gradient. It sees the step's batch statistics
+(``BatchStats``: the (B,) squared norms ||g_j||^2 always, the (B + R, B + R)
+Gram matrix K of the B batch rows then R reference rows only when it reads
+cross terms), the examples' ids and the padding mask, and its own state, and
+returns one weight per batch row; the gradient engine (``gujax.engine``) then
+forms sum_j w_j g_j and the policy finishes it into the update (DP-SGD adds
+its noise there):
 
-    weights, state = policy.weights(K, example_ids, mask, state)
-    update, state = policy.finish(engine_pass.weighted_sum(weights), state)
+    stats = engine_pass.statistics(policy.cross_terms)
+    weights, state = policy.weights(stats, example_ids, mask, state)
+    update, state = policy.finish(engine_pass.weighted_sum(weights, stats), state)
 
 ``Policy.cross_terms`` says whether the policy reads K's off-diagonal
 entries; when it does not (plain DP-SGD and the mean need only the squared
-norms) the engine passes the (B,) squared norms ||g_j||^2 instead of K and
-never forms the B x B cross terms.
+norms) the engine never forms the B x B cross terms.
+
+What a run owns lives in its state, never in the policy's closure: the
+ledger, and DP-SGD's noise key, sigma, clip norm and expected batch size
+(``DpsgdState``). So one compiled stage serves M stacked runs of different
+sizes (``gujax.arms.train_runs``), each with its own calibrated noise. The
+closure holds only what an arm fixes for all of its runs (the GNQ budget,
+cap and regulariser, the noise generator, whether there is a ledger).
 
 The GNQ policies (``monitor_policy``, ``censor_policy``, ``clip_policy``)
 keep a per-example disclosure ledger (``GnqState``); DP-SGD (``dpsgd_policy``)
@@ -37,9 +46,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from optax.contrib import DifferentiallyPrivateAggregateState
-
 from gujax import checks
+from gujax.noise import Noise, clip_factors
 from gujax.uniqueness import disclosure, gnq_from_gram, regulariser
 
 PyTree = Any
@@ -123,34 +131,62 @@ class GnqState(collections.namedtuple("GnqState", Ledger._fields + StepInfo._fie
         return {**self.last._asdict(), "num_retired": jnp.sum(self.retired)}
 
 
-class DpsgdMonitorState(NamedTuple):
-    """State of ``dpsgd_policy(..., num_examples=N)``.
+class DpsgdState(NamedTuple):
+    """State of ``dpsgd_policy``: everything that differs between runs.
 
-    ledger: the GNQ disclosure ledger (``GnqState``), per training example.
-    key: the noise PRNG key.
-    noise_multiplier: () float32, sigma. Kept in the state rather than in the
-      compiled step, so runs that differ only in sigma (shadow models with
-      slightly different training-set sizes) share one compiled step.
+    key: the noise PRNG key (its implementation is ``Noise.impl``).
+    noise_multiplier: () float32, sigma.
+    l2_norm_clip: () float32, C (gradient L2 units).
+    expected_batch_size: () float32, the update's denominator (q N under
+      Poisson sampling, or the fixed batch size).
+    gnq: the GNQ ledger on the clipped gradients (``GnqState``), or () for a
+      policy without one.
     """
-    ledger: GnqState
     key: jax.Array
     noise_multiplier: jax.Array
+    l2_norm_clip: jax.Array
+    expected_batch_size: jax.Array
+    gnq: Any = ()
+
+    @property
+    def ledger(self) -> "Ledger | None":
+        """The per-example disclosure ledger, or None without one."""
+        return self.gnq.ledger if isinstance(self.gnq, GnqState) else None
 
     def step_metrics(self) -> dict[str, jax.Array]:
         """The ledger's per-step scalars (see ``GnqState.step_metrics``)."""
-        return self.ledger.step_metrics()
+        return self.gnq.step_metrics() if isinstance(self.gnq, GnqState) else {}
+
+
+class BatchStats(NamedTuple):
+    """What a policy reads of a batch (from ``GradientPass.statistics``).
+
+    sq_norms: (B,) ||g_j||^2 of the batch rows (NaN/Inf: a non-finite gradient).
+    gram: (B + R, B + R) Gram matrix, batch rows first, or None when the
+      policy reads no cross terms (``Policy.cross_terms`` False).
+    materialised: what the engine kept to form the weighted sum (per-example
+      gradients the Gram already materialised); policies ignore it.
+    """
+    sq_norms: jax.Array
+    gram: jax.Array | None = None
+    materialised: Any = ()
+
+
+def batch_stats(gram, num_batch: int | None = None) -> BatchStats:
+    """The ``BatchStats`` of a given (B + R, B + R) Gram matrix whose first
+    ``num_batch`` = B rows are the batch (default: every row)."""
+    gram = jnp.asarray(gram)
+    return BatchStats(jnp.diagonal(gram)[:num_batch], gram)
 
 
 class Policy(NamedTuple):
-    """weights(gram, example_ids, mask, state) -> (weights (B,), state)
-         gram: (B + R, B + R) Gram matrix, batch rows first (NaN/Inf entries
-           mark a non-finite gradient); example_ids: (B,) int; mask: (B,)
-           bool or None, False marks a padding row.
+    """weights(stats, example_ids, mask, state) -> (weights (B,), state)
+         stats: ``BatchStats``; example_ids: (B,) int; mask: (B,) bool or
+           None, False marks a padding row.
     finish(weighted_sum, state) -> (update, state): the update from
       sum_j weights_j g_j (identity for the GNQ policies, noise for DP-SGD).
     init() -> state.
-    cross_terms: False when only the diagonal of ``gram`` is read; such a
-      policy also takes the (B,) diagonal itself in place of ``gram``.
+    cross_terms: whether ``stats.gram`` is read (False: only the norms).
     num_examples: the ledger's size (ids lie in [0, num_examples)), or None
       for a policy that keeps no per-example state (ids then optional).
     """
@@ -165,12 +201,6 @@ def _unchanged(weighted_sum, state):
     return weighted_sum, state
 
 
-def _squared_norms(gram) -> jax.Array:
-    """(B,) squared norms from a Gram matrix or from the norms themselves."""
-    gram = jnp.asarray(gram)
-    return gram if gram.ndim == 1 else jnp.diagonal(gram)
-
-
 def disclosure_quantiles(ledger: Ledger, levels=DISCLOSURE_QUANTILES) -> jax.Array:
     """Quantiles of D_j (nats) over the examples scored at least once."""
     seen = ledger.times_scored > 0
@@ -178,13 +208,10 @@ def disclosure_quantiles(ledger: Ledger, levels=DISCLOSURE_QUANTILES) -> jax.Arr
                            jnp.asarray(levels, jnp.float32))
 
 
-def gnq_ledger(state) -> Ledger:
-    """The per-example ledger inside any policy state that keeps one."""
-    if isinstance(state, GnqState):
-        return state.ledger
-    if isinstance(state, DpsgdMonitorState):
-        return state.ledger.ledger
-    raise ValueError(f"no disclosure ledger in a {type(state).__name__}")
+def gnq_ledger(state) -> Ledger | None:
+    """The per-example disclosure ledger inside a policy state (``GnqState``
+    or ``DpsgdState``), or None for a state that keeps none."""
+    return getattr(state, "ledger", None)
 
 
 # ----------------------------------------------------------------------------
@@ -204,17 +231,32 @@ def _init_state(num_examples: int) -> GnqState:
     return GnqState.of(ledger, last)
 
 
-def _scaled_gnq(gram, factors, excluded, lam, num_scored):
-    """GNQ of the scaled gradients c_j g_j (c = ``factors`` for the B scored
-    rows, 1 for reference rows) against the fixed floor ``lam``; rows flagged
-    in ``excluded`` (N,) are left out of every S_-j and score NaN."""
-    n = gram.shape[0]
-    c = jnp.ones((n,), gram.dtype).at[:num_scored].set(factors.astype(gram.dtype))
-    scaled = gram * c[:, None] * c[None, :]
-    # gnq_from_gram drops any row whose diagonal is not finite.
-    scaled = scaled.at[jnp.arange(n), jnp.arange(n)].set(
-        jnp.where(excluded, jnp.nan, jnp.diagonal(scaled)))
-    return gnq_from_gram(scaled, reg=lam, relative=False, num_scored=num_scored)
+def _merge_copies(gram, first_row):
+    """The Gram matrix of the merged rows: row j's gradient added to row
+    ``first_row[j]`` (N,) (the first row of its example; itself for a unique
+    example or a reference row). An example's contribution to a step is the
+    sum of its rows, so copies of it in one batch are one contribution."""
+    rows = jnp.zeros_like(gram).at[first_row].add(gram)
+    return jnp.zeros_like(gram).at[:, first_row].add(rows)
+
+
+def _scaled_gnq(gram, factors, excluded, lam, first):
+    """(B,) GNQ of each batch row's example's merged contribution
+    sum_{rows k of the example} c_k g_k (c = ``factors`` for the B batch rows,
+    1 for reference rows) against the fixed floor ``lam``, given to every row
+    of the example. ``first`` (B,): each batch row's example's first row.
+    Rows flagged in ``excluded`` (N,) are left out of every S_-j and score NaN."""
+    n, b = gram.shape[0], first.shape[0]
+    c = jnp.ones((n,), gram.dtype).at[:b].set(factors.astype(gram.dtype))
+    first_row = jnp.arange(n).at[:b].set(first)
+    merged = _merge_copies(gram * c[:, None] * c[None, :], first_row)
+    # gnq_from_gram drops any row whose diagonal is not finite: the excluded
+    # rows and the later rows of a merged example.
+    out = excluded | (first_row != jnp.arange(n))
+    merged = merged.at[jnp.arange(n), jnp.arange(n)].set(
+        jnp.where(out, jnp.nan, jnp.diagonal(merged)))
+    scores = gnq_from_gram(merged, reg=lam, relative=False, num_scored=b)
+    return jnp.where(excluded[:b], jnp.nan, scores[first])
 
 
 class _Step(NamedTuple):
@@ -222,7 +264,9 @@ class _Step(NamedTuple):
 
     gram (N, N) floating; ids (B,) clipped into range; real (B,) rows that
     count; excluded (N,) rows left out of every S_-j; lam the step's floor;
-    raw (B,) GNQ of the whole batch; bad_ids () count of out-of-range ids.
+    raw (B,) GNQ of the whole batch; bad_ids () count of out-of-range ids;
+    first (B,) the first real row of each row's example (itself if unique
+    or not real): the rows of one example are scored and charged as one.
     """
     gram: jax.Array
     ids: jax.Array
@@ -231,10 +275,22 @@ class _Step(NamedTuple):
     lam: jax.Array
     raw: jax.Array
     bad_ids: jax.Array
+    first: jax.Array
+
+    def gnq(self, factors) -> jax.Array:
+        """(B,) realised GNQ with per-row factors (``_scaled_gnq``)."""
+        return _scaled_gnq(self.gram, factors, self.excluded, self.lam, self.first)
+
+    @property
+    def charged(self) -> jax.Array:
+        """(B,) rows whose charge counts: one per example (its first row)."""
+        return self.first == jnp.arange(self.first.shape[0])
 
 
-def _prepare(gram, example_ids, mask, num_examples, reg, relative) -> _Step:
-    gram = jnp.asarray(gram)
+def _prepare(stats: BatchStats, example_ids, mask, num_examples, reg, relative) -> _Step:
+    if stats.gram is None:
+        raise ValueError("a GNQ policy reads the Gram matrix: BatchStats.gram is None")
+    gram = jnp.asarray(stats.gram)
     if jnp.ndim(example_ids) != 1:
         raise ValueError(f"example_ids must be a 1-D (B,) int array, got shape "
                          f"{jnp.shape(example_ids)}")
@@ -252,20 +308,25 @@ def _prepare(gram, example_ids, mask, num_examples, reg, relative) -> _Step:
     real = mask & good_id
     n = gram.shape[0]
     excluded = jnp.zeros((n,), bool).at[:b].set(~real)
+    same = (ids[:, None] == ids[None, :]) & real[:, None] & real[None, :]
+    first = jnp.where(real, jnp.argmax(same, axis=1), jnp.arange(b))
     # lam is fixed for the step from the batch as sampled (real, finite rows
     # and reference rows), so that refusing or down-weighting a row lowers its
     # signal against a fixed floor; recomputing a relative lam from the scaled
     # rows would make a common down-scaling of every row a no-op.
-    valid = ~excluded & jnp.isfinite(jnp.diagonal(gram))
-    valid = valid & jnp.all(jnp.isfinite(gram) | ~valid[None, :], axis=1)
-    clean = jnp.where(valid[:, None] & valid[None, :], gram, 0)
+    # lam is computed on the merged contributions (one row per example).
+    first_row = jnp.arange(n).at[:b].set(first)
+    merged = _merge_copies(jnp.where(jnp.isfinite(gram), gram, jnp.nan), first_row)
+    valid = ~excluded & (first_row == jnp.arange(n)) & jnp.isfinite(jnp.diagonal(merged))
+    valid = valid & jnp.all(jnp.isfinite(merged) | ~valid[None, :], axis=1)
+    clean = jnp.where(valid[:, None] & valid[None, :], merged, 0)
     lam = regulariser(clean, reg, relative=relative, valid=valid)
     lam = jnp.where(lam > 0, lam, jnp.ones_like(lam))  # all-zero batch: any lam
-    raw = _scaled_gnq(gram, jnp.ones((b,)), excluded, lam, b)
+    raw = _scaled_gnq(gram, jnp.ones((b,)), excluded, lam, first)
     bad_ids = jnp.sum(mask & ~good_id).astype(jnp.int32)
     # Out-of-range ids index a valid slot (clipped) but carry zero weight.
     safe_ids = jnp.clip(ids, 0, num_examples - 1)
-    return _Step(gram, safe_ids, real, excluded, lam, raw, bad_ids)
+    return _Step(gram, safe_ids, real, excluded, lam, raw, bad_ids, first)
 
 
 def _once_per_example(rows: jax.Array, ids: jax.Array, num_examples: int) -> jax.Array:
@@ -279,8 +340,9 @@ def _record(state: GnqState, step: _Step, factors, realised_gnq, retire_rows) ->
     ledger, ids, real, raw = state.ledger, step.ids, step.real, step.raw
     n = ledger.disclosure.shape[0]
     used = real & (factors > 0)
-    realised = jnp.where(used, realised_gnq, 0).astype(jnp.float32)
-    d = jnp.where(used, disclosure(realised), 0).astype(jnp.float32)
+    # One charge per example: its merged contribution's, on its first row.
+    realised = jnp.where(used & step.charged, realised_gnq, 0).astype(jnp.float32)
+    d = jnp.where(used & step.charged, disclosure(realised), 0).astype(jnp.float32)
     # A row that is not real must not overwrite the slot its (clipped) id hits.
     last_gnq = ledger.last_gnq.at[jnp.where(real, ids, n)].set(
         raw.astype(jnp.float32), mode="drop")
@@ -324,8 +386,8 @@ def monitor_policy(*, num_examples: int, reg, relative: bool = True) -> Policy:
     accumulates each example's GNQ and disclosure."""
     num_examples, reg = _common(num_examples, reg)
 
-    def weights(gram, example_ids, mask, state):
-        step = _prepare(gram, example_ids, mask, num_examples, reg, relative)
+    def weights(stats, example_ids, mask, state):
+        step = _prepare(stats, example_ids, mask, num_examples, reg, relative)
         factors = jnp.where(jnp.isfinite(step.raw), 1.0, 0.0)
         # Non-finite rows are already outside everyone's S_-j, so the realised
         # scores are the raw ones.
@@ -345,8 +407,9 @@ def censor_policy(*, budget, num_examples: int, reg, relative: bool = True,
     scores of the remaining rows recomputed, until no admitted row overruns
     (at most B rounds: the admitted set only shrinks). The first round is
     exactly the rule as stated on the whole batch; later rounds only refuse
-    more. Copies of one example in a batch are charged together: D_j plus the
-    sum of the copies' d must fit.
+    more. Copies of one example in a batch are one contribution (the sum of
+    its rows), scored and charged once: D_j plus that contribution's d must
+    fit, and its rows are admitted or refused together.
 
     policy: "retire" (a refused example is never used again) or "skip" (it is
       only left out of this step).
@@ -356,18 +419,16 @@ def censor_policy(*, budget, num_examples: int, reg, relative: bool = True,
     if policy not in ("retire", "skip"):
         raise ValueError(f"policy must be 'retire' or 'skip', got {policy!r}")
 
-    def weights(gram, example_ids, mask, state):
-        step = _prepare(gram, example_ids, mask, num_examples, reg, relative)
+    def weights(stats, example_ids, mask, state):
+        step = _prepare(stats, example_ids, mask, num_examples, reg, relative)
         ids, b = step.ids, step.ids.shape[0]
         eligible = step.real & jnp.isfinite(step.raw) & ~state.ledger.retired[ids]
 
         def charge(admitted):
-            gnq_admitted = _scaled_gnq(step.gram, admitted.astype(step.gram.dtype),
-                                       step.excluded, step.lam, b)
+            gnq_admitted = step.gnq(admitted.astype(step.gram.dtype))
             d = jnp.where(admitted, disclosure(gnq_admitted), 0).astype(jnp.float32)
-            # Sum over copies of the same example in the batch.
-            per_example = jnp.zeros((num_examples,), jnp.float32).at[ids].add(d)
-            return gnq_admitted, state.ledger.disclosure[ids] + per_example[ids]
+            # Copies of an example are one merged contribution, charged once.
+            return gnq_admitted, state.ledger.disclosure[ids] + d
 
         def round_(carry):
             admitted, _, _ = carry
@@ -395,11 +456,11 @@ _CLIP_TARGET = 1 - 1e-3
 _CLIP_TOLERANCE = 1 - 1e-4
 
 
-def clip_policy(*, max_step_disclosure, num_examples: int, reg, relative: bool = True,
+def clip_policy(*, max_step, num_examples: int, reg, relative: bool = True,
                 max_rounds: int = 20) -> Policy:
     """Scale g_j by c_j in [0, 1] so that every realised d_j <= the cap.
 
-    With s_max = exp(2 * max_step_disclosure) - 1, one rescaling
+    With s_max = exp(2 * max_step) - 1 (``max_step`` in nats), one rescaling
     c_j = min(1, sqrt(s_max / GNQ_j)) is not enough: shrinking the other rows
     shrinks S_-j, so the realised GNQ'_j = c_j^2 g_j^T S'_-j^-1 g_j can exceed
     c_j^2 GNQ_j. The policy therefore repeats
@@ -412,18 +473,18 @@ def clip_policy(*, max_step_disclosure, num_examples: int, reg, relative: bool =
     lam stays at the step's value for the batch as sampled, so the cap is in
     units of that floor.
     """
-    cap = checks.positive_finite(max_step_disclosure, "max_step_disclosure")
+    cap = checks.positive_finite(max_step, "max_step")
     num_examples, reg = _common(num_examples, reg)
     max_rounds = checks.positive_int(max_rounds, "max_rounds")
     s_max = math.expm1(2 * cap)
 
-    def weights(gram, example_ids, mask, state):
-        step = _prepare(gram, example_ids, mask, num_examples, reg, relative)
+    def weights(stats, example_ids, mask, state):
+        step = _prepare(stats, example_ids, mask, num_examples, reg, relative)
         b = step.ids.shape[0]
         start = jnp.where(step.real & jnp.isfinite(step.raw), 1.0, 0.0).astype(step.gram.dtype)
 
         def realised(c):
-            return jnp.where(c > 0, _scaled_gnq(step.gram, c, step.excluded, step.lam, b), 0)
+            return jnp.where(c > 0, step.gnq(c), 0)
 
         def over(score):
             return score > s_max * _CLIP_TOLERANCE
@@ -433,7 +494,8 @@ def clip_policy(*, max_step_disclosure, num_examples: int, reg, relative: bool =
             shrink = jnp.sqrt(s_max * _CLIP_TARGET / jnp.maximum(score, 1e-30))
             rescaled = jnp.where(over(score), c * shrink, c)
             zeroed = jnp.where(over(score), 0.0, c)
-            c = jnp.where(rounds < max_rounds, rescaled, zeroed)
+            # One factor per example: its rows are one merged contribution.
+            c = jnp.where(rounds < max_rounds, rescaled, zeroed)[step.first]
             return c, realised(c), rounds + 1
 
         c, score, _ = jax.lax.while_loop(
@@ -449,8 +511,8 @@ def clip_policy(*, max_step_disclosure, num_examples: int, reg, relative: bool =
 def mean_policy() -> Policy:
     """Plain SGD's mean gradient over the real rows, with no state; a row whose
     gradient is not finite is left out (the denominator still counts it)."""
-    def weights(gram, example_ids, mask, state):
-        diag = _squared_norms(gram)
+    def weights(stats, example_ids, mask, state):
+        diag = stats.sq_norms
         real = checks.mask(mask, diag.shape[0])
         return _mean_weights(jnp.isfinite(diag).astype(jnp.float32), real), state
     return Policy(lambda: (), weights, _unchanged, cross_terms=False)
@@ -459,160 +521,87 @@ def mean_policy() -> Policy:
 # ----------------------------------------------------------------------------
 # DP-SGD.
 
-def clip_factors(sq_norms: jax.Array, l2_norm_clip, keep: jax.Array) -> jax.Array:
-    """(B,) min(1, C / ||g_j||) for the kept rows with a finite norm, else 0
-    (a dropped row contributes nothing). A zero norm gets factor 1."""
-    norms = jnp.sqrt(jnp.where(keep, sq_norms, 0))
-    factors = jnp.where(norms > l2_norm_clip, l2_norm_clip / jnp.where(norms > 0, norms, 1), 1.0)
-    return jnp.where(keep & jnp.isfinite(sq_norms), factors, 0.0)
-
-
-def gaussian_noise(key: jax.Array, like: PyTree, std, *, flat: bool = False
-                   ) -> tuple[PyTree, jax.Array]:
-    """N(0, std^2) per coordinate, shaped like ``like``, and the next key.
-
-    The default key schedule is optax's (``differentially_private_aggregate``):
-    ``next_key, *leaf_keys = split(key, num_leaves + 1)``, one key and one
-    draw per leaf in tree order. With ``flat=True``: ``next_key, k =
-    split(key)`` and ONE draw of ``sum(leaf sizes)`` normals with ``k``, cut
-    back into the leaves in tree order (one generator call per step instead of
-    one per leaf; the rbg generators are ~2.5x faster this way on CPU). The
-    two schedules give different noise for the same key (with JAX's
-    partitionable threefry the first leaf may coincide), with the same
-    distribution: i.i.d. N(0, std^2) over every coordinate of every leaf.
-    Leaves of different dtypes are drawn in their promoted dtype and cast.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    if not flat:
-        next_key, *keys = jax.random.split(key, len(leaves) + 1)
-        noise = [jnp.asarray(std).astype(g.dtype) * jax.random.normal(k, jnp.shape(g), g.dtype)
-                 for g, k in zip(leaves, keys)]
-        return jax.tree_util.tree_unflatten(treedef, noise), next_key
-    next_key, k = jax.random.split(key)
-    sizes = [math.prod(jnp.shape(g)) for g in leaves]
-    z = jax.random.normal(k, (sum(sizes),), jnp.result_type(*leaves) if leaves else float)
-    noise, start = [], 0
-    for g, size in zip(leaves, sizes):
-        piece = jax.lax.slice_in_dim(z, start, start + size).reshape(jnp.shape(g))
-        noise.append(jnp.asarray(std).astype(g.dtype) * piece.astype(g.dtype))
-        start += size
-    return jax.tree_util.tree_unflatten(treedef, noise), next_key
-
-
-def _noised(clipped_sum, key, std, denominator, flat=False):
-    noise, next_key = gaussian_noise(key, clipped_sum, std, flat=flat)
-    update = jax.tree_util.tree_map(lambda g, z: (g + z) / denominator, clipped_sum, noise)
-    return update, next_key
-
-
-def _charge_clipped(gram, c, finite, example_ids, mask, state: DpsgdMonitorState, *,
-                    l2_norm_clip) -> GnqState:
+def _charge_clipped(gram, c, finite, example_ids, mask, state: DpsgdState) -> GnqState:
     """The ledger on the clipped gradients with lam = sigma^2 C^2, computed as
     GNQ of K c c^T / (sigma C)^2 with lam = 1 (GNQ is invariant to scaling K
     and lam together)."""
     b = gram.shape[0]
-    floor = jnp.square(state.noise_multiplier * l2_norm_clip).astype(gram.dtype)
+    floor = jnp.square(state.noise_multiplier * state.l2_norm_clip).astype(gram.dtype)
     scaled = gram * (c[:, None] * c[None, :]).astype(gram.dtype) / floor
     # A non-finite row gets a NaN diagonal: the monitor leaves it out of
     # every S_-j, as it is left out of the sum.
     scaled = scaled.at[jnp.arange(b), jnp.arange(b)].set(
         jnp.where(finite, jnp.diagonal(scaled), jnp.nan))
-    monitor = monitor_policy(num_examples=state.ledger.disclosure.shape[0], reg=1.0,
+    monitor = monitor_policy(num_examples=state.gnq.disclosure.shape[0], reg=1.0,
                              relative=False)
-    _, ledger = monitor.weights(scaled, example_ids, mask, state.ledger)
+    _, ledger = monitor.weights(batch_stats(scaled), example_ids, mask, state.gnq)
     return ledger
 
 
-# How the DP-SGD noise can be drawn: a key implementation (``jax.random.key(...,
-# impl=)``), optionally with the suffix "_flat" for ``gaussian_noise``'s flat
-# schedule (one key and one draw of P normals per step instead of one per
-# leaf). Every choice gives another noise stream for the same seed, and the
-# same distribution, N(0, sigma^2 C^2) i.i.d. per coordinate
-# (tests/test_privacy.py). Measured on the idle 2-core CPU (670k normals, the
-# jitted draw alone; docs/performance.md): threefry2x32 5.2 ms per leaf or flat
-# (its cost is the bits; flat does not help), rbg 12.4 -> 5.7 ms flat,
-# unsafe_rbg 16.1 -> 6.4 ms flat. On GPUs and TPUs the rbg generators are the
-# fast ones.
-NOISE_PRNGS = ("threefry2x32", "rbg", "unsafe_rbg",
-               "threefry2x32_flat", "rbg_flat", "unsafe_rbg_flat")
-
-
-def noise_prng(prng: str) -> tuple[str, bool]:
-    """``NOISE_PRNGS`` name -> (key implementation, flat schedule?)."""
-    checks.one_of(prng, NOISE_PRNGS, "prng")
-    return (prng[:-len("_flat")], True) if prng.endswith("_flat") else (prng, False)
-
-
 def dpsgd_policy(*, l2_norm_clip, expected_batch_size, noise_multiplier, seed: int = 0,
-                 num_examples: int | None = None, prng: str = "threefry2x32") -> Policy:
+                 num_examples: int | None = None, noise: Noise = Noise()) -> Policy:
     """DP-SGD: per-example L2 clipping to C, Gaussian noise N(0, sigma^2 C^2 I)
     on the clipped sum, division by the expected batch size.
 
-    weights: the clip factors min(1, C / ||g_j||) from the Gram diagonal, 0
-    for padding and non-finite rows. finish: (sum + noise) / expected_batch_size
-    with ``gaussian_noise``'s key schedule.
+    weights: the clip factors min(1, C / ||g_j||) from the squared norms, 0
+    for padding and non-finite rows. finish: (sum + noise) / expected_batch_size,
+    the noise drawn by ``noise`` (``gujax.noise.Noise``).
 
-    Without ``num_examples`` the policy reads only the diagonal, sigma is a
-    constant of the step, and the state is optax's
-    ``DifferentiallyPrivateAggregateState(rng_key)``. With it the state is a
-    ``DpsgdMonitorState``: sigma lives in the state and the GNQ ledger is
-    charged on the clipped gradients with the floor lam = sigma^2 C^2
-    (docs/theory.md); since ||clip(g_j)|| <= C one step then discloses at most
-    1/2 log(1 + 1/sigma^2) nats about any example.
+    sigma, C, the expected batch size and the noise key are the run's: they
+    live in the state (``DpsgdState``), which ``init`` fills from these
+    arguments; ``weights`` and ``finish`` read them from the state alone, so
+    one stage serves runs with different constants (module docstring).
+
+    With ``num_examples`` the GNQ ledger is charged on the clipped gradients
+    with the floor lam = sigma^2 C^2 (docs/theory.md; the policy then reads
+    the Gram matrix); since ||clip(g_j)|| <= C one step then discloses at
+    most 1/2 log(1 + 1/sigma^2) nats about any example. Without it only the
+    squared norms are read.
 
     Args:
-      l2_norm_clip: C (gradient L2 units). expected_batch_size: q N under
-        Poisson sampling, or the fixed batch size. noise_multiplier: sigma
-        (> 0 with a ledger, which needs a floor; else >= 0). Concrete values
-        are checked; traced ones are trusted.
+      l2_norm_clip: C > 0 (gradient L2 units). expected_batch_size: q N under
+        Poisson sampling, or the fixed batch size (> 0). noise_multiplier:
+        sigma (> 0 with a ledger, which needs a floor; else >= 0).
       seed: seeds the noise key kept in the state.
       num_examples: size of the ledger, or None for no ledger.
-      prng: how the noise is drawn, one of ``NOISE_PRNGS``: the key
-        implementation (JAX's default threefry2x32; "rbg"/"unsafe_rbg" are
-        faster on accelerators), and with "_flat" one key and one draw for
-        all parameters per step instead of one per leaf (``gaussian_noise``;
-        makes rbg/unsafe_rbg ~2.5x cheaper on CPU). Another choice gives
-        another noise stream for the same seed, with the same distribution
-        N(0, sigma^2 C^2) per coordinate (tests/test_privacy.py).
+      noise: the generator (key implementation and draw schedule): another
+        choice gives another stream for the same seed, the same distribution.
     """
-    impl, flat = noise_prng(prng)
-    checks.positive_finite_or_traced(l2_norm_clip, "l2_norm_clip")
-    checks.positive_finite_or_traced(expected_batch_size, "expected_batch_size")
+    if not isinstance(noise, Noise):
+        raise ValueError(f"noise must be a gujax.noise.Noise, got {noise!r}")
+    l2_norm_clip = checks.positive_finite(l2_norm_clip, "l2_norm_clip")
+    expected_batch_size = checks.positive_finite(expected_batch_size, "expected_batch_size")
     with_ledger = num_examples is not None
-    checks.positive_finite_or_traced(noise_multiplier, "noise_multiplier",
-                                     allow_zero=not with_ledger)
+    noise_multiplier = checks.positive_finite(
+        noise_multiplier, "noise_multiplier", allow_zero=not with_ledger,
+        context=" (the ledger's floor is sigma^2 C^2)" if with_ledger else "")
+    seed = checks.seed(seed)
     if with_ledger:
         num_examples = checks.positive_int(num_examples, "num_examples")
 
-    def weights(gram, example_ids, mask, state):
-        sq = _squared_norms(gram)
+    def init():
+        return DpsgdState(noise.key(seed), *(jnp.asarray(v, jnp.float32) for v in (
+            noise_multiplier, l2_norm_clip, expected_batch_size)),
+            gnq=_init_state(num_examples) if with_ledger else ())
+
+    def weights(stats, example_ids, mask, state):
+        sq = stats.sq_norms
         mask = checks.mask(mask, sq.shape[0])
         # A NaN/Inf anywhere in g_j shows on its squared norm.
         finite = jnp.isfinite(sq)
         keep = finite & mask
-        c = clip_factors(sq, l2_norm_clip, keep)
+        c = clip_factors(sq, state.l2_norm_clip, keep)
         if with_ledger:
+            gram = stats.gram[:sq.shape[0], :sq.shape[0]]
             clean = jnp.where(keep[:, None] & keep[None, :], gram, 0)
-            state = state._replace(ledger=_charge_clipped(
-                clean, c, finite, example_ids, mask, state, l2_norm_clip=l2_norm_clip))
+            state = state._replace(gnq=_charge_clipped(clean, c, finite, example_ids, mask,
+                                                       state))
         return c, state
 
-    if with_ledger:
-        def init():
-            return DpsgdMonitorState(_init_state(num_examples), jax.random.key(seed, impl=impl),
-                                     jnp.asarray(noise_multiplier, jnp.float32))
-
-        def finish(clipped_sum, state):
-            update, key = _noised(clipped_sum, state.key, state.noise_multiplier * l2_norm_clip,
-                                  expected_batch_size, flat)
-            return update, state._replace(key=key)
-    else:
-        def init():
-            return DifferentiallyPrivateAggregateState(rng_key=jax.random.key(seed, impl=impl))
-
-        def finish(clipped_sum, state):
-            update, key = _noised(clipped_sum, state.rng_key, noise_multiplier * l2_norm_clip,
-                                  expected_batch_size, flat)
-            return update, DifferentiallyPrivateAggregateState(rng_key=key)
+    def finish(clipped_sum, state):
+        z, key = noise.draw(state.key, clipped_sum, state.noise_multiplier * state.l2_norm_clip)
+        update = jax.tree_util.tree_map(lambda g, n: (g + n) / state.expected_batch_size,
+                                        clipped_sum, z)
+        return update, state._replace(key=key)
 
     return Policy(init, weights, finish, cross_terms=with_ledger, num_examples=num_examples)

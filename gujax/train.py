@@ -17,14 +17,9 @@ and checkpoints, the only points where values leave the device.
 
 Runs are deterministic for a fixed ``TrainConfig.seed`` (the batch sampler and
 the augmentation key are functions of (seed, step); DP-SGD noise is seeded by
-the policy). With a ``workdir`` a run writes
-
-    workdir/config.json          the run's identity (checked on resume)
-    workdir/metrics.jsonl        one JSON record per step
-    workdir/history.jsonl        one JSON record per evaluation (each epoch)
-    workdir/snapshots/           parameters at ``snapshot_epochs``
-    workdir/checkpoints/         orbax checkpoints of the whole TrainState
-
+the policy). With a ``workdir`` a run writes its folder (``gujax.workdir``:
+config.json, metrics.jsonl, history.jsonl, snapshots/, checkpoints/; the
+same layout for ``train`` and ``train_stacked``)
 and a killed run restarted with ``resume=True`` continues from its last
 checkpoint, re-running the steps after it, to the same result as an
 uninterrupted run.
@@ -32,8 +27,6 @@ uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -41,12 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from flax import serialization
-
+from gujax import checks
+from gujax import workdir as workdir_files
 from gujax.data.dataset import model_inputs
 from gujax.engine import Stage, per_example_stage
 from gujax.sampling import fixed_batch, poisson_batch, poisson_padded_size, shuffled_batch
@@ -93,19 +85,12 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_every", "checkpoint_every",
                      "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, "
-                                 f"got {value!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.sampling not in ("shuffle", "poisson", "fixed"):
-            raise ValueError("sampling must be 'shuffle', 'poisson' or 'fixed', got "
-                             f"{self.sampling!r}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+            checks.positive_int(getattr(self, name), f"TrainConfig.{name}")
+        checks.one_of(self.optimizer, ("sgd", "adam"), "optimizer")
+        checks.one_of(self.sampling, ("shuffle", "poisson", "fixed"), "sampling")
+        checks.positive_finite(self.learning_rate, "learning_rate")
+        checks.fraction(self.momentum, "momentum")
+        checks.seed(self.seed)
 
     def to_json(self) -> dict:
         """The fields that define the run's trajectory (not the bar, not the
@@ -122,13 +107,13 @@ class TrainState(NamedTuple):
     """Everything a step changes (and a checkpoint holds)."""
     step: jax.Array          # () int32, steps taken
     params: PyTree
-    aggregator_state: PyTree
+    stage_state: PyTree
     opt_state: PyTree
 
 
 class TrainResult(NamedTuple):
     params: PyTree
-    aggregator_state: PyTree  # the stage's state (the policy's: ledger, noise key)
+    stage_state: PyTree  # the stage's state (the policy's: ledger, noise key)
     history: list[dict]       # one record per evaluation (see ``train``)
     snapshots: dict | None = None  # epoch -> params, for ``snapshot_epochs``
 
@@ -163,11 +148,11 @@ def _step_body(stage: Stage, optimizer: optax.GradientTransformation,
         if augment is not None:
             key = jax.random.fold_in(run_key, state.step)
             batch["image"] = augment(key, batch["image"])
-        update, aggregator_state, metrics = stage(state.params, batch,
-                                                  state.aggregator_state)
+        update, stage_state, metrics = stage(state.params, batch,
+                                                  state.stage_state)
         updates, opt_state = optimizer.update(update, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, aggregator_state, opt_state), metrics
+        return TrainState(state.step + 1, params, stage_state, opt_state), metrics
     return body
 
 
@@ -259,88 +244,6 @@ def _sampler(config: TrainConfig, n: int) -> Callable[[int], tuple[np.ndarray, n
     return lambda step: sample(config.seed, step, n, config.batch_size)
 
 
-# ----------------------------------------------------------------------------
-# Checkpoints. Typed PRNG keys (DP-SGD's noise key) are stored as raw key data.
-
-def _to_saveable(tree):
-    return jax.tree_util.tree_map(
-        lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _from_saveable(saved, like):
-    return jax.tree_util.tree_map(
-        lambda s, l: jax.random.wrap_key_data(s, impl=jax.random.key_impl(l))
-        if _is_key(l) else s, saved, like)
-
-
-def _manager(workdir: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                             enable_async_checkpointing=False))
-
-
-def _read_jsonl(path: str, up_to_step: int) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if r["step"] <= up_to_step]
-
-
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _open_workdir(workdir: str, config_json: dict, state, resume: bool):
-    """Restore ``state`` from ``workdir``'s latest checkpoint (``resume``, and
-    the saved config equal to ``config_json`` but for "epochs"), or clear the
-    old checkpoints. Writes config.json, truncates metrics.jsonl and
-    history.jsonl to the restored step. Returns (state, manager, history)."""
-    os.makedirs(workdir, exist_ok=True)
-    config_path = os.path.join(workdir, "config.json")
-    manager = _manager(workdir)
-    latest = manager.latest_step() if resume else None
-    current = json.loads(json.dumps(config_json))
-    if latest is not None:
-        with open(config_path) as f:
-            saved = json.load(f)
-        changed = {k for k in current if k != "epochs" and saved.get(k) != current[k]}
-        if changed:
-            raise ValueError(f"{workdir} holds a run with a different config "
-                             f"({sorted(changed)}); use another workdir or resume=False")
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                          _to_saveable(state))
-        restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-        state = _from_saveable(restored, state)
-    else:
-        for step in manager.all_steps():
-            manager.delete(step)
-    # A stacked run's finished members stop counting steps: the run is as far
-    # as its furthest member.
-    done = int(jnp.max(state.step))
-    with open(config_path, "w") as f:
-        json.dump(current, f, indent=1)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    history_path = os.path.join(workdir, "history.jsonl")
-    # Drop records written after the checkpoint: those steps run again.
-    _write_jsonl(metrics_path, _read_jsonl(metrics_path, done))
-    history = _read_jsonl(history_path, done)
-    _write_jsonl(history_path, history)
-    return state, manager, history
-
-
 def _evaluation_epoch(step: int, steps_per_epoch: int, config: TrainConfig) -> int:
     """The epoch that ``step`` (0-based) completes if a history record is due
     after it, else 0."""
@@ -351,12 +254,6 @@ def _evaluation_epoch(step: int, steps_per_epoch: int, config: TrainConfig) -> i
 
 def _checkpoint_due(step: int, total_steps: int, config: TrainConfig) -> bool:
     return (step + 1) % config.checkpoint_every == 0 or step + 1 == total_steps
-
-
-def _close(manager) -> None:
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
 
 
 # ----------------------------------------------------------------------------
@@ -447,38 +344,6 @@ def _check_snapshot_epochs(epochs, config: TrainConfig) -> tuple[int, ...]:
     return tuple(sorted(set(int(e) for e in epochs)))
 
 
-class _Snapshots:
-    """Parameters at chosen epochs, per run; kept on disk with a workdir so
-    that a resumed run still returns the snapshots taken before the kill."""
-
-    def __init__(self, workdir: str | None, runs: int):
-        self.folder = None if workdir is None else os.path.join(workdir, "snapshots")
-        self.taken: list[dict[int, PyTree]] = [{} for _ in range(runs)]
-
-    def _path(self, run: int, epoch: int) -> str:
-        return os.path.join(self.folder, f"run{run:03d}_epoch{epoch:04d}.msgpack")
-
-    def take(self, run: int, epoch: int, params: PyTree) -> None:
-        params = jax.device_get(params)
-        self.taken[run][epoch] = params
-        if self.folder is not None:
-            os.makedirs(self.folder, exist_ok=True)
-            tmp = self._path(run, epoch) + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(serialization.to_bytes(params))
-            os.replace(tmp, self._path(run, epoch))
-
-    def restore(self, epochs: tuple[int, ...], done_epochs: list[int], like: PyTree) -> None:
-        """Read back the snapshots of epochs each run has already completed."""
-        if self.folder is None:
-            return
-        for run, done in enumerate(done_epochs):
-            for epoch in epochs:
-                if epoch <= done and os.path.exists(self._path(run, epoch)):
-                    with open(self._path(run, epoch), "rb") as f:
-                        self.taken[run][epoch] = serialization.from_bytes(like, f.read())
-
-
 def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainConfig],
          stage: Stage, stage_states, model, eval_data, workdir, resume, snapshot_epochs,
          stacked: bool, mesh) -> list[TrainResult]:
@@ -515,12 +380,11 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
 
     history: list[dict] = []
     manager = None
-    snapshots = _Snapshots(workdir, runs)
+    snapshots = workdir_files.Snapshots(workdir, runs)
     if workdir is not None:
-        identity = config.to_json()
-        if stacked:
-            identity.update(seed=[c.seed for c in configs], num_examples=sizes)
-        state, manager, history = _open_workdir(workdir, identity, state, resume)
+        # One layout for M = 1 and M > 1: per-run values are lists.
+        identity = dict(config.to_json(), seed=[c.seed for c in configs], num_examples=sizes)
+        state, manager, history = workdir_files.open_workdir(workdir, identity, state, resume)
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         history_path = os.path.join(workdir, "history.jsonl")
         steps_done = np.asarray(jax.device_get(state.step)).reshape(runs)
@@ -537,9 +401,8 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
                        for m in range(runs)]
             records[step] = per_run
             if workdir is not None:
-                line = ({k: [r[k] if r else None for r in per_run] for k in values} if stacked
-                        else per_run[0])
-                _append_jsonl(metrics_path, {"step": step + 1, **line})
+                line = {k: [r[k] if r else None for r in per_run] for k in values}
+                workdir_files.append_jsonl(metrics_path, {"step": step + 1, **line})
         return records
 
     # The data moves to the device once; each step sends only its rows. (A
@@ -578,17 +441,15 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
                 images, labels, sums = evaluation
                 record.update(evaluate(model, _unstack(state.params, m), images, labels,
                                        batch_size=config.eval_batch_size, _sums=sums))
-            if not stacked:
-                del record["run"]
             history.append(record)
             if workdir is not None:
-                _append_jsonl(history_path, record)
+                workdir_files.append_jsonl(history_path, record)
         if checkpoint:
-            manager.save(step + 1, args=ocp.args.StandardSave(_to_saveable(state)))
-    _close(manager)
-    return [TrainResult(_unstack(state.params, m), _unstack(state.aggregator_state, m),
+            workdir_files.save_checkpoint(manager, step + 1, state)
+    workdir_files.close(manager)
+    return [TrainResult(_unstack(state.params, m), _unstack(state.stage_state, m),
                         [{k: v for k, v in r.items() if k != "run"}
-                         for r in history if r.get("run", 0) == m],
+                         for r in history if r["run"] == m],
                         snapshots.taken[m])
             for m in range(runs)]
 
@@ -624,7 +485,7 @@ def train(*, params: PyTree, data, config: TrainConfig, stage: Stage | None = No
       snapshot_epochs: keep the parameters at the end of these epochs.
 
     Returns:
-      TrainResult(params, aggregator_state (the stage's state), history,
+      TrainResult(params, stage_state (the stage's state), history,
       snapshots {epoch: params}). Each history record has "epoch", "step",
       the eval metrics if any, and the last step's metrics.
     """

@@ -22,19 +22,11 @@ from typing import Any
 import optax
 
 from gujax import checks
-from gujax.engine import gradients_pass, policy_step, weighted_sum
+from gujax.engine import gradients_pass, policy_step
 from gujax.grads import batch_size
-from gujax.policies import (DISCLOSURE_QUANTILES, GnqState, Ledger, Policy, StepInfo,
-                            censor_policy, clip_policy, mean_policy, monitor_policy)
+from gujax.policies import Policy, batch_stats, censor_policy, clip_policy, mean_policy, monitor_policy
 
-# Kept under its old name: sum_j weights_j g_j over the leading axis.
-aggregate = weighted_sum
-
-__all__ = [
-    "DISCLOSURE_QUANTILES", "GnqState", "Ledger", "Policy", "StepInfo", "aggregate",
-    "censor_policy", "clip_policy", "gnq_censor", "gnq_clip", "gnq_monitor",
-    "mean_aggregate", "monitor_policy", "policy_transformation",
-]
+__all__ = ["gnq_censor", "gnq_clip", "gnq_monitor", "mean_aggregate", "policy_transformation"]
 
 
 def policy_transformation(policy: Policy, *, dtype: Any = None
@@ -68,8 +60,9 @@ def policy_transformation(policy: Policy, *, dtype: Any = None
             checks.example_ids(example_ids, b, policy.num_examples)
         checks.mask(mask, b)
         grad_pass = gradients_pass(updates, reference=reference_grads)
+        stats = None if gram is None else batch_stats(gram, b)
         update, state, _ = policy_step(grad_pass, policy, state, example_ids=example_ids,
-                                       mask=mask, gram=gram, dtype=dtype)
+                                       mask=mask, stats=stats, dtype=dtype)
         return update, state
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -94,14 +87,14 @@ def gnq_censor(*, budget, num_examples: int, reg, relative: bool = True,
                       relative=relative, policy=policy), dtype=dtype)
 
 
-def gnq_clip(*, max_step_disclosure, num_examples: int, reg, relative: bool = True,
+def gnq_clip(*, max_step, num_examples: int, reg, relative: bool = True,
              dtype: Any = None) -> optax.GradientTransformationExtraArgs:
     """Per-example gradients scaled so that no step discloses more than
-    ``max_step_disclosure`` nats about any example, then averaged over the n
-    real rows. See ``clip_policy``."""
+    ``max_step`` nats about any example, then averaged over the n real rows.
+    See ``clip_policy``."""
     return policy_transformation(
-        clip_policy(max_step_disclosure=max_step_disclosure, num_examples=num_examples,
-                    reg=reg, relative=relative), dtype=dtype)
+        clip_policy(max_step=max_step, num_examples=num_examples, reg=reg,
+                    relative=relative), dtype=dtype)
 
 
 def mean_aggregate() -> optax.GradientTransformationExtraArgs:

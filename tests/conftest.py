@@ -25,8 +25,8 @@ def metric_records(monkeypatch):
     """Control over the trainer's per-step records: ``die_after(n)`` makes the
     n-th metrics.jsonl record raise KeyboardInterrupt (a kill mid-run);
     ``count()`` returns the list the steps of later records are appended to."""
-    import gujax.train as train_module
-    real_append = train_module._append_jsonl
+    import gujax.workdir as workdir_module
+    real_append = workdir_module.append_jsonl
 
     class Records:
         def die_after(self, n):
@@ -38,7 +38,7 @@ def metric_records(monkeypatch):
                     calls["metrics"] += 1
                     if calls["metrics"] == n:
                         raise KeyboardInterrupt
-            monkeypatch.setattr(train_module, "_append_jsonl", dying_append)
+            monkeypatch.setattr(workdir_module, "append_jsonl", dying_append)
 
         def count(self):
             written = []
@@ -47,7 +47,7 @@ def metric_records(monkeypatch):
                 if path.endswith("metrics.jsonl"):
                     written.append(record["step"])
                 real_append(path, record)
-            monkeypatch.setattr(train_module, "_append_jsonl", counting_append)
+            monkeypatch.setattr(workdir_module, "append_jsonl", counting_append)
             return written
 
     return Records()

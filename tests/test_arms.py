@@ -2,15 +2,18 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_trees_close
 
-from gujax.arms import Arm, build_pipeline, dp_calibration, ledger, parse_arm
+from gujax.arms import (ARM_KINDS, Arm, ArmKind, Option, TrainingRun, dp_calibration, parse_arm,
+                        register, train_runs, unregister)
 from gujax.data import random_crop_flip
 from gujax.models import MLP, SmallCNN
 from gujax.privacy import dp_epsilon
-from gujax.train import TrainConfig, softmax_cross_entropy, train, train_stacked
+from gujax.policies import Policy, mean_policy
+from gujax.train import TrainConfig
 
 
 def test_parse_arm_aliases_and_defaults():
@@ -37,30 +40,35 @@ def test_dp_calibration_meets_the_target():
     assert dp_epsilon(sigma * 0.97, 64 / 700, 100, 1e-5) > 3.0
 
 
-def test_build_pipeline_rejects_bad_sizes_and_methods():
-    loss = softmax_cross_entropy(MLP(hidden=(4,)))
+def _init(model, images, seed):
+    return model.init(jax.random.key(seed), images[:1].astype(np.float32) / 255)["params"]
+
+
+def test_train_runs_rejects_bad_sizes_and_methods():
+    model = MLP(hidden=(4,), num_classes=3)
+    images = np.zeros((10, 8, 8, 1), np.uint8)
+    run = TrainingRun((images, np.zeros(10, np.int32), np.arange(10)), 0, _init(model, images, 0))
+    config = TrainConfig(epochs=1, batch_size=20, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
-        build_pipeline(parse_arm("sgd"), loss_fn=loss, train_size=10, batch_size=20,
-                       epochs=1, seed=0)
+        train_runs(parse_arm("sgd"), [run], config, model=model)
     with pytest.raises(ValueError, match="method"):
-        build_pipeline(parse_arm("sgd"), loss_fn=loss, train_size=10, batch_size=5,
-                       epochs=1, seed=0, method="fast")
+        train_runs(parse_arm("sgd"), [run], dataclasses.replace(config, batch_size=5),
+                   model=model, method="fast")
+    with pytest.raises(ValueError, match="num_examples"):
+        train_runs(parse_arm("sgd"), [run], dataclasses.replace(config, batch_size=5),
+                   model=model, num_examples=5)
+    with pytest.raises(ValueError, match="one or more"):
+        train_runs(parse_arm("sgd"), [], config, model=model)
 
 
 def _run(arm_text, method, model, images, labels, num_examples):
     rows = np.arange(0, len(images), 2)             # train on every other pool example
-    loss = softmax_cross_entropy(model)
-    arm = parse_arm(arm_text)
-    config = TrainConfig(epochs=2, batch_size=8, learning_rate=0.1, seed=3,
-                         progress=False)
-    pipe = build_pipeline(arm, loss_fn=loss, train_size=len(rows),
-                          batch_size=config.batch_size, epochs=config.epochs, seed=1,
-                          num_examples=num_examples, method=method)
-    params = model.init(jax.random.key(0), images[:1].astype(np.float32) / 255)["params"]
-    result = train(params=params, stage=pipe.stage,
-                   data=(images[rows], labels[rows], rows),
-                   config=dataclasses.replace(config, sampling=pipe.sampling), model=model)
-    return result, pipe
+    config = TrainConfig(epochs=2, batch_size=8, learning_rate=0.1, seed=3, progress=False)
+    (run,) = train_runs(parse_arm(arm_text),
+                        [TrainingRun((images[rows], labels[rows], rows), 1,
+                                     _init(model, images, 0))],
+                        config, model=model, num_examples=num_examples, method=method)
+    return run
 
 
 @pytest.mark.parametrize("arm_text", ["sgd", "censor:tau=0.3", "clip:max_step=0.02",
@@ -74,12 +82,13 @@ def test_ghost_engine_trains_like_the_explicit_one(arm_text, model):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (48, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, 48).astype(np.int32)
-    ghost, pipe = _run(arm_text, "ghost", model, images, labels, 48)
-    explicit, _ = _run(arm_text, "explicit", model, images, labels, 48)
+    ghost = _run(arm_text, "ghost", model, images, labels, 48)
+    explicit = _run(arm_text, "explicit", model, images, labels, 48)
     if arm_text.startswith("dpsgd"):
-        assert pipe.noise_multiplier > 0 and pipe.epsilon <= 4.0 + 1e-6
+        assert ghost.noise_multiplier > 0 and ghost.epsilon <= 4.0 + 1e-6
+        assert ghost.config.sampling == "poisson"
     assert_trees_close(ghost.params, explicit.params, rtol=2e-4, atol=2e-5)
-    lg, le = ledger(ghost.aggregator_state), ledger(explicit.aggregator_state)
+    lg, le = ghost.ledger, explicit.ledger
     np.testing.assert_allclose(lg.disclosure, le.disclosure, rtol=2e-4, atol=1e-6)
     np.testing.assert_array_equal(lg.steps_used, le.steps_used)
     np.testing.assert_array_equal(lg.retired, le.retired)
@@ -88,28 +97,16 @@ def test_ghost_engine_trains_like_the_explicit_one(arm_text, model):
         assert np.asarray(lg.retired).any()                  # the budget binds here
 
 
-def _pipelines(arm_text, method, model, images, subsets, num_examples, config):
-    loss = softmax_cross_entropy(model)
-    runs = []
-    for m, rows in enumerate(subsets):
-        pipe = build_pipeline(parse_arm(arm_text), loss_fn=loss, train_size=len(rows),
-                              batch_size=config.batch_size, epochs=config.epochs,
-                              seed=10 + m, num_examples=num_examples, method=method)
-        params = model.init(jax.random.key(m), images[:1].astype(np.float32) / 255)["params"]
-        runs.append((pipe, params, dataclasses.replace(config, seed=20 + m,
-                                                       sampling=pipe.sampling)))
-    return loss, runs
-
-
 @pytest.mark.parametrize("arm_text, method", [
     ("sgd", "ghost"), ("censor:tau=0.3", "ghost"), ("clip:max_step=0.02", "ghost"),
-    ("dpsgd:eps=4", "ghost"), ("censor:tau=0.3", "explicit"), ("dpsgd:eps=4", "explicit")])
+    ("dpsgd:eps=4", "ghost"), ("dpsgd:eps=4,ledger=false", "ghost"),
+    ("censor:tau=0.3", "explicit"), ("dpsgd:eps=4", "explicit")])
 def test_stacked_runs_train_like_separate_ones(arm_text, method):
-    """M runs vmapped into one step (``train_stacked``, what shadow models use)
-    follow the trajectories ``train`` gives each alone: runs of different
-    sizes (so different step counts and Poisson padding), seeds (batches and
-    augmentation keys), inits and DP-SGD sigmas; same parameters, ledger and
-    refusals to float32 rounding."""
+    """``train_runs`` with M runs vmapped into one step (what shadow models
+    and canary runs use) follows the trajectories each run gives alone: runs
+    of different sizes (so different step counts, Poisson padding and DP-SGD
+    sigmas), seeds and inits; same parameters, ledger and refusals to
+    float32 rounding."""
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, 60).astype(np.int32)
@@ -117,21 +114,103 @@ def test_stacked_runs_train_like_separate_ones(arm_text, method):
     model = MLP(hidden=(16,), num_classes=3)
     config = TrainConfig(epochs=2, batch_size=8, learning_rate=0.1, momentum=0.5,
                          augment=random_crop_flip, progress=False)
-    loss, runs = _pipelines(arm_text, method, model, images, subsets, 60, config)
-    data = [(images[rows], labels[rows], rows) for rows in subsets]
-    stacked = train_stacked(
-        params=[p for _, p, _ in runs], stage=runs[0][0].stage, data=data,
-        configs=[c for _, _, c in runs],
-        stage_states=[pipe.stage.init(p) for pipe, p, _ in runs], model=model)
-    if arm_text.startswith("dpsgd"):                 # sizes differ, so do the sigmas
-        assert len({pipe.noise_multiplier for pipe, _, _ in runs}) == 3
-    for (pipe, params, cfg), d, together in zip(runs, data, stacked):
-        alone = train(params=params, stage=pipe.stage, data=d, config=cfg, model=model)
+    arm = parse_arm(arm_text)
+    runs = [TrainingRun((images[rows], labels[rows], rows), 20 + m, _init(model, images, m))
+            for m, rows in enumerate(subsets)]
+    stacked = train_runs(arm, runs, config, model=model, num_examples=60, method=method)
+    if arm.kind == "dpsgd":                          # sizes differ, so do the sigmas
+        assert len({r.noise_multiplier for r in stacked}) == 3
+    for run, together in zip(runs, stacked):
+        (alone,) = train_runs(arm, [run], config, model=model, num_examples=60, method=method)
+        assert (alone.noise_multiplier, alone.epsilon) == (together.noise_multiplier,
+                                                           together.epsilon)
         assert_trees_close(together.params, alone.params, rtol=2e-4, atol=2e-5)
-        la, lt = ledger(alone.aggregator_state), ledger(together.aggregator_state)
-        np.testing.assert_allclose(lt.disclosure, la.disclosure, rtol=2e-4, atol=1e-6)
-        np.testing.assert_array_equal(lt.steps_used, la.steps_used)
-        np.testing.assert_array_equal(lt.retired, la.retired)
+        if arm.ledger is False:
+            assert together.ledger is None and alone.ledger is None
+        else:
+            la, lt = alone.ledger, together.ledger
+            np.testing.assert_allclose(lt.disclosure, la.disclosure, rtol=2e-4, atol=1e-6)
+            np.testing.assert_array_equal(lt.steps_used, la.steps_used)
+            np.testing.assert_array_equal(lt.retired, la.retired)
         assert [r["step"] for r in together.history] == [r["step"] for r in alone.history]
         np.testing.assert_allclose([r["loss"] for r in together.history],
                                    [r["loss"] for r in alone.history], rtol=1e-4)
+
+
+@pytest.mark.parametrize("ledger", [True, False])
+def test_stacked_dpsgd_runs_draw_their_own_calibrated_noise(ledger):
+    """The defect this guards against: a stage shared by stacked runs drew
+    every run's noise at the first run's sigma. Two DP-SGD runs of 100 and
+    400 examples (calibrated sigmas about 2.3 and 1.4) train together on a
+    loss whose gradient is exactly zero, so each update is the noise alone,
+    N(0, sigma^2 C^2) / B per coordinate, and after T steps of SGD at lr 1
+    every parameter has moved by N(0, T sigma^2 C^2 / B^2). The measured
+    standard deviation over 20,000 parameters (relative standard error
+    0.5%) must be within 3% of each run's own sigma, and more than 3% away
+    from the other run's."""
+    def zero_loss(params, example):
+        return 0.0 * (jnp.sum(params["w"]) + jnp.sum(example["x"]))
+
+    batch, clip = 20, 0.5
+    arm = parse_arm(f"dpsgd:eps=2,clip_norm={clip},ledger={str(ledger).lower()}")
+    runs = [TrainingRun({"x": np.zeros((n, 1), np.float32), "id": np.arange(n)}, 7 + n,
+                        {"w": jnp.zeros(20_000)}) for n in (100, 400)]
+    config = TrainConfig(epochs=3, batch_size=batch, learning_rate=1.0, progress=False)
+    trained = train_runs(arm, runs, config, loss_fn=zero_loss, method="explicit")
+    sigmas = [t.noise_multiplier for t in trained]
+    assert sigmas[0] > 1.3 * sigmas[1]
+    for t, run, other in zip(trained, runs, sigmas[::-1]):
+        steps = config.epochs * (len(run.data["id"]) // batch)
+        measured = float(np.std(np.asarray(t.params["w"]))) * batch / (clip * np.sqrt(steps))
+        assert abs(measured / t.noise_multiplier - 1) < 0.03, (measured, t.noise_multiplier)
+        assert abs(measured / other - 1) > 0.03
+        assert float(t.stage_state.noise_multiplier) == pytest.approx(t.noise_multiplier)
+        assert (t.ledger is not None) == ledger
+
+
+def _toy_policy(arm, size) -> Policy:
+    """Plain SGD with every gradient scaled by ``arm.scale`` (a toy kind)."""
+    mean = mean_policy()
+
+    def weights(stats, example_ids, mask, state):
+        w, state = mean.weights(stats, example_ids, mask, state)
+        return arm.scale * w, state
+    return mean._replace(weights=weights)
+
+
+@pytest.fixture
+def toy_kind():
+    kind = register(ArmKind(
+        "toy", "SGD with the gradient scaled by s", "toy:s=0.5",
+        (Option("scale", float, "the factor", alias="s", required=True),),
+        lambda arm: f"toy s={arm.scale:g}", _toy_policy))
+    yield kind
+    unregister("toy")
+
+
+def test_a_kind_registered_in_a_test_trains_through_parse_arm_and_the_harness(toy_kind):
+    """One ``register`` call makes a kind: parsing, labels, the harness's
+    arms and training all come from the registry entry."""
+    from experiments import cli, harness
+    assert "toy" in ARM_KINDS
+    arm = parse_arm("toy:s=0.5,lr=0.2")
+    assert arm == Arm("toy", scale=0.5, learning_rate=0.2) and arm.name == "toy s=0.5 lr=0.2"
+    with pytest.raises(ValueError, match="needs scale"):
+        parse_arm("toy")
+    settings = cli.Settings(epochs=1, batch_size=8, progress=False)
+    assert cli.make_arm("toy:s=0.5", settings) == Arm("toy", scale=0.5)
+    assert cli.arm_text("toy:s=2") == "toy:s=2"
+    model = MLP(hidden=(8,), num_classes=3)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 3, 32).astype(np.int32)
+    half, = harness.train_arm(parse_arm("toy:s=0.5"), settings, model, [(images, labels)], [0])
+    full, = harness.train_arm(parse_arm("toy:s=1"), settings, model, [(images, labels)], [0])
+    init = _init(model, images, 0)
+    # One SGD step per batch: a half-scaled gradient moves the first step half as far.
+    moved = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a - b)).sum(),
+                                   half.params, init)
+    moved_full = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a - b)).sum(),
+                                        full.params, init)
+    assert 0 < sum(jax.tree_util.tree_leaves(moved)) < sum(jax.tree_util.tree_leaves(moved_full))
+    assert half.ledger is None and half.noise_multiplier is None

@@ -18,7 +18,7 @@ from gujax.audit import (best_one_run_epsilon, epsilon_lower_bound, multi_run_ep
                          one_run_epsilon)
 from gujax.audit.canaries import (canary_membership, insert_canaries, mislabelled_canaries,
                                   train_canary_runs)
-from gujax.audit.epsilon import (canary_logits, loss_scores, reference_scores)
+from gujax.audit.epsilon import (canary_logits, canary_loss_scores, reference_scores)
 from gujax.data import load
 from gujax.data.splits import subset
 from gujax.models import MLP
@@ -160,7 +160,7 @@ def test_loss_and_reference_scores_against_the_definitions():
         return np.log(np.take_along_axis(p, np.broadcast_to(labels[:, None], z.shape[:-1] + (1,)),
                                          -1)[..., 0])
 
-    np.testing.assert_allclose(loss_scores(logits, labels), log_p(logits), rtol=1e-12)
+    np.testing.assert_allclose(canary_loss_scores(logits, labels), log_p(logits), rtol=1e-12)
     phi = log_p(logits) - np.log1p(-np.exp(log_p(logits)))
     ref_phi = log_p(refs) - np.log1p(-np.exp(log_p(refs)))
     spread = np.sqrt(sum((ref_phi[q, j] - ref_phi[:, j].mean()) ** 2
@@ -191,7 +191,7 @@ def mislabel_audit():
     for text in ("sgd", "dpsgd:eps=1"):
         runs = train_canary_runs(parse_arm(text), model=model, config=config, sets=sets,
                                  seeds=[10, 11, 12, 13])
-        scores = loss_scores(canary_logits(model, [r.params for r in runs], canaries.images),
+        scores = canary_loss_scores(canary_logits(model, [r.params for r in runs], canaries.images),
                              canaries.labels)
         out[text] = (one_run_epsilon(scores, in_mask, delta=1e-5), runs)
     return out

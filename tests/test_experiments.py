@@ -17,7 +17,8 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from experiments import cifar, comparison, digits, harness, report, stacked
+from experiments import cifar, cli, comparison, digits, harness, report, stacked
+from gujax.arms import ARM_KINDS
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 PNGS = ("privacy_utility.png", "roc.png", "gnq_vs_attack.png")
@@ -61,7 +62,7 @@ def _check_results(out: pathlib.Path, arms: list[str]) -> dict:
     assert all(f"| {arm} |" in table for arm in arms)
     first = results["arms"][0]
     assert report.format_interval(first["test_accuracy"], first["test_accuracy_ci"]) in table
-    gnq = [r["arm"] for r in results["arms"] if r["kind"] in comparison.GNQ_KINDS]
+    gnq = [r["arm"] for r in results["arms"] if ARM_KINDS[r["kind"]].defense]
     assert sorted(results["verdicts"]["arms"]) == sorted(gnq)
     for name in PNGS:
         assert (out / name).stat().st_size > 1000, name
@@ -180,7 +181,7 @@ def _one_line_error(stderr: str) -> str:
 
 
 def test_overrides_and_bad_arguments(tmp_path, capsys):
-    settings = harness.parse_command_line(
+    settings = cli.parse_command_line(
         ["--preset", "smoke", "--num-models", "3", "--no-augment",
          "--arms", "sgd", "censor:tau=1"], digits.EXPERIMENT).settings
     assert settings.num_models == 3 and settings.augment is False
@@ -191,8 +192,8 @@ def test_overrides_and_bad_arguments(tmp_path, capsys):
                         (["--num-models", "2"], "num_models must be >= 3"),
                         (["--attack-augmentations", "flip", "--query-augmentations",
                           "identity"], "not among the recorded")):
-        with pytest.raises(harness.UsageError, match=match):
-            harness.parse_command_line(argv, digits.EXPERIMENT)
+        with pytest.raises(cli.UsageError, match=match):
+            cli.parse_command_line(argv, digits.EXPERIMENT)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as info:
         digits.main(["--preset", "smoke", "--out", str(out), "--arms", "sgd", "sgd"])
@@ -216,6 +217,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (["experiments.cifar", "--data-dir", "/no/such/dir"], "--data-dir may hold an image folder"),
     (["experiments.cifar", "--data-dir", "EMPTY"], "is empty"),
     (["experiments.curvature", "--epochs", "0"], "epochs must be a positive integer"),
+    # No argparse prefix matching: --epoch is not read as --epochs.
+    (["experiments.digits", "--epoch", "3"], "unrecognized arguments: --epoch 3"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, expected, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -242,7 +245,7 @@ def test_help_explains_every_option_with_its_default():
     from experiments import curvature, reconstruction, unique_features
     for experiment in (digits.EXPERIMENT, cifar.EXPERIMENT, unique_features.EXPERIMENT,
                        curvature.EXPERIMENT, reconstruction.EXPERIMENT):
-        parser = harness.build_parser(experiment)
+        parser = cli.build_parser(experiment)
         for action in parser._actions:
             if action.dest != "help":
                 assert "default" in action.help, (experiment.name, action.dest)
@@ -296,11 +299,11 @@ def test_step_progress_follows_the_terminal(monkeypatch):
     assert smoke.step_progress is None
     for tty in (True, False):
         monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
-        assert harness.step_progress(smoke) is tty
-        assert harness.train_config(smoke).progress is tty
-        assert harness.step_progress(dataclasses.replace(smoke, step_progress=not tty)) \
+        assert cli.step_progress(smoke) is tty
+        assert cli.train_config(smoke).progress is tty
+        assert cli.step_progress(dataclasses.replace(smoke, step_progress=not tty)) \
             is (not tty)
-    assert harness.step_progress(dataclasses.replace(smoke, progress=False)) is False
+    assert cli.step_progress(dataclasses.replace(smoke, progress=False)) is False
 
 
 def _image_folder(root: pathlib.Path, per_class: dict[str, int]) -> None:
@@ -366,16 +369,26 @@ def test_notebook_executes(name, digits_smoke, monkeypatch):
 def test_stacked_benchmark_smoke(tmp_path):
     """Models trained together equal models trained alone (the benchmark's own
     check), and the speed-up is reported against G = 1."""
+    out = tmp_path / "stacked"
     result = stacked.main(["--preset", "smoke", "--workloads", "digits-mlp",
-                           "--out", str(tmp_path)])
+                           "--out", str(out)])
     rows = result["rows"]
     assert [r["models_at_once"] for r in rows] == [1, 2]
     assert rows[0]["speedup"] == 1.0 and all(r["wall_seconds"] > 0 for r in rows)
     assert all(r["max_logit_diff"] < 1e-4 for r in rows)
-    assert json.loads((tmp_path / "stacked.json").read_text())["rows"] == rows
-    assert (tmp_path / "stacked.png").stat().st_size > 1000
-    with pytest.raises(SystemExit):
-        stacked.main(["--preset", "smoke", "--workloads", "mnist"])
+    saved = json.loads((out / "stacked.json").read_text())
+    assert saved["rows"] == rows and saved["settings"]["workloads"] == ["digits-mlp"]
+    assert (out / "stacked.png").stat().st_size > 1000
+    assert json.loads((out / "run.json").read_text())["settings"]["num_models"] == 2
+    # Bad input: one line and exit status 2, before anything runs; a used
+    # --out is refused without --overwrite.
+    for argv in (["--workloads", "mnist"], ["--group-sizes", "2", "4"],
+                 ["--arms", "censor"], ["--mlp-pool", "100000"], ["--out", str(out)]):
+        with pytest.raises(SystemExit) as err:
+            stacked.main(["--preset", "smoke", "--workloads", "digits-mlp",
+                          "--out", str(tmp_path / "bad"), *argv])
+        assert err.value.code == 2, argv
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cifar_check_interval_and_verdict():

@@ -9,6 +9,8 @@ import optax
 import pytest
 
 from gujax.dpsgd import dpsgd_aggregate
+from gujax.noise import Noise
+from gujax.policies import DpsgdState
 from gujax.ghost.capture import capture
 from gujax.ghost.clipping import ghost_clipped_sum, ghost_dpsgd
 from gujax.ghost.kernels import (describe, factors_gram, factors_sq_norms, ghost_gram,
@@ -358,25 +360,23 @@ def test_weighted_grad_matches_explicit_and_drops_zero_weights(name):
 # ---------------------------------------------------------------------------
 # Ghost clipping.
 
-@pytest.mark.parametrize("prng", ["threefry2x32", "rbg_flat"])
+@pytest.mark.parametrize("noise", [Noise(), Noise("rbg", "flat")], ids=["threefry", "rbg-flat"])
 @pytest.mark.parametrize("name", _cases(["mlp", "transformer"], ("mlp",)))
-def test_ghost_dpsgd_matches_materialised(name, prng):
+def test_ghost_dpsgd_matches_materialised(name, noise):
     params, batch, loss = MODELS[name]()
     explicit = _explicit(loss, params, batch)
     norms = np.sqrt(np.asarray(gram(explicit)).diagonal())
     clip = float(np.median(norms))  # some rows clipped, some not
     mask = jnp.array([True, True, False, True, True])
     reference = dpsgd_aggregate(l2_norm_clip=clip, noise_multiplier=0.7,
-                                expected_batch_size=4.0, seed=3, prng=prng)
+                                expected_batch_size=4.0, seed=3, noise=noise)
     state = reference.init(params)
     want, want_state = jax.jit(reference.update)(explicit, state, params, mask=mask)
-    step = jax.jit(lambda p, b, s, m: ghost_dpsgd(
-        loss, p, b, s, l2_norm_clip=clip, noise_multiplier=0.7,
-        expected_batch_size=4.0, mask=m, prng=prng))
+    step = jax.jit(lambda p, b, s, m: ghost_dpsgd(loss, p, b, s, mask=m, noise=noise))
     got, got_state, info = step(params, batch, state, mask)
     assert _tree_rel_err(got, want) < 1e-5
-    np.testing.assert_array_equal(jax.random.key_data(got_state.rng_key),
-                                  jax.random.key_data(want_state.rng_key))
+    np.testing.assert_array_equal(jax.random.key_data(got_state.key),
+                                  jax.random.key_data(want_state.key))
     np.testing.assert_allclose(info.norms, norms, rtol=1e-5)
     assert info.weights[2] == 0 and 0 < np.sum(np.asarray(info.weights) < 1) < B
 
@@ -387,10 +387,10 @@ def test_ghost_dpsgd_matches_optax_contrib_without_mask():
     explicit = _explicit(loss, params, batch)
     clip = float(np.median(np.sqrt(np.asarray(gram(explicit)).diagonal())))
     tx = optax.contrib.differentially_private_aggregate(clip, 1.1, key=jax.random.key(7))
-    state = tx.init(params)
-    want, _ = jax.jit(tx.update)(explicit, state, params)
-    got, _, _ = jax.jit(lambda p, b, s: ghost_dpsgd(
-        loss, p, b, s, l2_norm_clip=clip, noise_multiplier=1.1))(params, batch, state)
+    want, _ = jax.jit(tx.update)(explicit, tx.init(params), params)
+    # optax divides by the batch B; the same key schedule draws the same noise.
+    state = DpsgdState(jax.random.key(7), *map(jnp.float32, (1.1, clip, B)))
+    got, _, _ = jax.jit(lambda p, b, s: ghost_dpsgd(loss, p, b, s))(params, batch, state)
     assert _tree_rel_err(got, want) < 1e-5
 
 
@@ -418,9 +418,9 @@ def test_bad_input_raises_before_compute():
         ghost_clipped_sum(loss, params, batch, l2_norm_clip=0.0)
     with pytest.raises(ValueError, match="mask"):
         ghost_clipped_sum(loss, params, batch, l2_norm_clip=1.0, mask=jnp.ones(3, bool))
-    with pytest.raises(ValueError, match="noise_multiplier"):
+    with pytest.raises(ValueError, match="DpsgdState"):
         ghost_dpsgd(loss, params, batch, optax.contrib.DifferentiallyPrivateAggregateState(
-            jax.random.key(0)), l2_norm_clip=1.0, noise_multiplier=-1.0)
+            jax.random.key(0)))
     with pytest.raises(ValueError, match="reg"):
         ghost_gnq(loss, params, batch, reg=0.0)
 
@@ -450,7 +450,7 @@ def _stage_pair(kind, n_train, budget):
         "monitor": lambda: transforms.monitor_policy(num_examples=n_train, reg=1e-2),
         "censor": lambda: transforms.censor_policy(budget=budget, num_examples=n_train,
                                                  reg=1e-2),
-        "clip": lambda: transforms.clip_policy(max_step_disclosure=0.05,
+        "clip": lambda: transforms.clip_policy(max_step=0.05,
                                                num_examples=n_train, reg=1e-2),
     }[kind]()
     return (transforms.policy_transformation(policy),
@@ -549,7 +549,7 @@ def test_dpsgd_monitor_stage_equals_explicit_stage(case):
         got_state, want_state = got[1], want[1]
         np.testing.assert_array_equal(jax.random.key_data(got_state.key),
                                       jax.random.key_data(want_state.key))
-        for name, a, b in zip(want_state.ledger._fields, got_state.ledger, want_state.ledger):
+        for name, a, b in zip(want_state.gnq._fields, got_state.gnq, want_state.gnq):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
             if b.any():
@@ -563,7 +563,7 @@ def test_dpsgd_monitor_stage_equals_explicit_stage(case):
                                        rtol=tol, err_msg=name)
         # The case exercised what it should: charges and the NaN row (the
         # median clip norm clips 2 of the 5 real finite rows).
-        ledger = got_state.ledger
+        ledger = got_state.gnq
         assert int(ledger.num_scored) == 6 and int(ledger.num_nonfinite) == int(nan_row)
         assert float(ledger.max_step_disclosure) > 0
         assert np.isnan(np.asarray(ledger.last_gnq)[1]) == nan_row  # id of row 5

@@ -1,6 +1,6 @@
 """The memorisation experiments (experiments/unique_features.py, curvature.py,
 reconstruction.py) and their shared helpers (experiments/memorisation.py, on
-the experiment harness experiments/harness.py).
+the experiment harness experiments/cli.py).
 
 Helper tests are fast and check the maths against independent computations;
 the end-to-end smoke runs check each experiment's JSON schema, value ranges
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import curvature, harness, reconstruction, report, unique_features
+from experiments import cli, curvature, harness, reconstruction, report, unique_features
 from experiments import memorisation as common
 from gujax.arms import Arm
 from gujax.grads import per_example_grads
@@ -40,7 +40,7 @@ def _tiny_grads(seed=0, batch=6):
 # Helpers.
 
 def test_settings_from_preset_with_overrides():
-    settings, out, *_ = harness.parse_command_line(
+    settings, out, *_ = cli.parse_command_line(
         ["--preset", "smoke", "--epochs", "3", "--arms", "sgd", "dpsgd",
          "--hidden", "7", "9", "--progress", "false"], unique_features.EXPERIMENT)
     assert settings.epochs == 3 and settings.arms == ("sgd", "dpsgd")
@@ -53,8 +53,8 @@ def test_settings_from_preset_with_overrides():
                                   ["--preset", "huge"], ["--epochs", "two"],
                                   ["--method", "magic"]])
 def test_settings_refuse_bad_values(argv):
-    with pytest.raises(harness.UsageError):
-        harness.parse_command_line(argv, curvature.EXPERIMENT)
+    with pytest.raises(cli.UsageError):
+        cli.parse_command_line(argv, curvature.EXPERIMENT)
 
 
 def test_percentile_rank():
@@ -106,16 +106,16 @@ def test_format_table_aligns_and_marks_missing():
 def test_make_arm_maps_experiment_arms_to_gujax_arms():
     settings = dataclasses.replace(unique_features.PRESETS["smoke"], reg=0.02,
                                    target_epsilon=3.0, delta=1e-6, clip_norm=0.7)
-    th = harness.Thresholds(budget=1.5, max_step_disclosure=0.01)
-    assert harness.make_arm("sgd", settings) == Arm("sgd", reg=0.02)
-    assert harness.make_arm("dpsgd", settings) == Arm("dpsgd", epsilon=3.0, delta=1e-6,
+    th = cli.Thresholds(budget=1.5, max_step=0.01)
+    assert cli.make_arm("sgd", settings) == Arm("sgd", reg=0.02)
+    assert cli.make_arm("dpsgd", settings) == Arm("dpsgd", epsilon=3.0, delta=1e-6,
                                                       clip_norm=0.7)
-    assert harness.make_arm("censor", settings, th) == Arm("censor", reg=0.02, budget=1.5)
-    assert harness.make_arm("clip", settings, th) == Arm("clip", reg=0.02, max_step=0.01)
+    assert cli.make_arm("censor", settings, th) == Arm("censor", reg=0.02, budget=1.5)
+    assert cli.make_arm("clip", settings, th) == Arm("clip", reg=0.02, max_step=0.01)
     with pytest.raises(ValueError, match="thresholds"):
-        harness.make_arm("censor", settings)
+        cli.make_arm("censor", settings)
     with pytest.raises(ValueError, match="unknown arm"):
-        harness.make_arm("plain", settings)
+        cli.make_arm("plain", settings)
 
 
 def test_dp_noise_multiplier_meets_the_target_epsilon():
@@ -141,7 +141,7 @@ def test_gnq_thresholds_are_quantiles_of_the_plain_ledger():
     d = np.asarray(state.disclosure)
     used = np.asarray(state.steps_used)
     assert th.budget == pytest.approx(np.quantile(d, 0.75))
-    assert th.max_step_disclosure == pytest.approx(np.median(d / used))
+    assert th.max_step == pytest.approx(np.median(d / used))
 
 
 def test_carrier_ledger_rank_percentile_and_refusal():

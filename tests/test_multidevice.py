@@ -40,7 +40,7 @@ COMMON = textwrap.dedent("""
         configs = [TrainConfig(epochs=epochs, batch_size=8, seed=m,
                                progress=False, checkpoint_every=3) for m in models]
         results = train_stacked(params=params, data=data, configs=configs, stage=stage, **kw)
-        return [jax.tree_util.tree_leaves(jax.device_get((r.params, r.aggregator_state.ledger)))
+        return [jax.tree_util.tree_leaves(jax.device_get((r.params, r.stage_state.ledger)))
                 for r in results]
 
     def err(a, b):

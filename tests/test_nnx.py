@@ -158,8 +158,7 @@ def test_gnq_clipping_dpsgd_and_stage_match_explicit():
 
     agg = dpsgd_aggregate(l2_norm_clip=0.5, noise_multiplier=1.0, expected_batch_size=B,
                           seed=3)
-    update, _, _ = ghost_dpsgd(loss, state, batch, agg.init(state), l2_norm_clip=0.5,
-                               noise_multiplier=1.0, expected_batch_size=B)
+    update, _, _ = ghost_dpsgd(loss, state, batch, agg.init(state))
     want, _ = agg.update(grads, agg.init(state), state)
     assert _tree_rel(update, want) < 1e-10
 

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -67,31 +68,122 @@ def test_plain_steps_agree():
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)
 
 
-def test_tiny_run_writes_load_and_cpu_count(tmp_path):
-    result = overhead.main(["--preset", "smoke", "--models", "mlp", "--batch-sizes", "4",
-                            "--methods", "gnq_ghost", "--repeats", "2", "--blocks", "2",
-                            "--out", str(tmp_path)])
+@pytest.mark.parametrize("model", ["scatter_linear", "transformer"])
+def test_stage_batch_is_the_kernel_batch_in_the_trainers_form(model):
+    w = overhead.make_workload(model, 3, seq_len=5)
+    loss_fn, batch = overhead.stage_inputs(w)
+    assert set(batch) == ({"tokens", "id", "mask"} if model == "transformer"
+                          else {"image", "label", "id", "mask"})
+    assert batch["id"].dtype == jnp.int32 and batch["mask"].dtype == jnp.bool_
+    examples = {k: v for k, v in batch.items() if k not in ("id", "mask")}
+    per_example = jax.vmap(loss_fn, in_axes=(None, 0))(w.params, examples)
+    np.testing.assert_allclose(per_example,
+                               jax.vmap(w.loss_fn, in_axes=(None, 0))(w.params, w.batch),
+                               rtol=1e-6)
+    if model == "scatter_linear":
+        assert batch["image"].shape == (3, 8, 8, 243) and batch["image"].dtype == jnp.float32
+
+
+def _saved(tmp_path):
     with open(os.path.join(tmp_path, "overhead.json")) as f:
-        saved = json.load(f)
+        return json.load(f)
+
+
+ROW_FIELDS = {"section", "model", "batch_size", "method", "step_seconds", "spread_seconds",
+              "block_medians", "ratio_to_plain", "ratio_spread", "baseline", "load",
+              "peak_memory_bytes", "peak_memory_mb", "memory_ratio_to_plain", "flops",
+              "flop_ratio"}
+
+
+def test_smoke_preset_has_a_stage_row_per_policy_and_model(tmp_path):
+    result = overhead.main(["--preset", "smoke", "--out", str(tmp_path)])
+    saved = _saved(tmp_path)
     assert saved["cpu_count"] == os.cpu_count()
     assert len(saved["load"]["before"]) == 3 and len(saved["load"]["after"]) == 3
-    assert saved["settings"]["blocks"] == 2
-    rows = {r["method"]: r for r in saved["rows"]}
-    assert set(rows) == {"plain", "plain_batched", "gnq_ghost"}
-    base = min(("plain", "plain_batched"), key=lambda m: rows[m]["step_seconds"])
-    for r in rows.values():
-        assert r["baseline"] == base and len(r["block_medians"]) == 2
-        assert r["spread_seconds"][0] <= r["step_seconds"] <= r["spread_seconds"][1]
-        assert r["ratio_to_plain"] == pytest.approx(
-            r["step_seconds"] / rows[base]["step_seconds"])
-    assert rows[base]["ratio_to_plain"] == 1.0
-    assert result["targets"]
+    assert saved["settings"]["preset"] == "smoke" and saved["settings"]["blocks"] == 2
+    models = ("mlp", "cnn", "transformer", "scatter_linear")
+    methods = overhead.PLAIN_METHODS + overhead.STAGE_METHODS
+    by = {(r["model"], r["method"]): r for r in saved["rows"]}
+    assert set(by) == {(m, k) for m in models for k in methods}
+    for model in models:
+        base = min(overhead.PLAIN_METHODS, key=lambda k: by[model, k]["step_seconds"])
+        for method in methods:
+            r = by[model, method]
+            assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+            assert r["section"] == "stage" and r["baseline"] == base
+            assert len(r["block_medians"]) == 2 and len(r["load"]["before"]) == 3
+            assert r["spread_seconds"][0] <= r["step_seconds"] <= r["spread_seconds"][1]
+            assert r["ratio_to_plain"] == pytest.approx(
+                r["step_seconds"] / by[model, base]["step_seconds"])
+            assert r["flop_ratio"] == pytest.approx(r["flops"] / by[model, base]["flops"])
+            assert r["peak_memory_bytes"] > 0 and r["flops"] > 0
+        assert by[model, base]["ratio_to_plain"] == 1.0
+        # The censor's budget refuses part of the batch; the clip's cap clips.
+        censor, clip = by[model, "censor"], by[model, "clip"]
+        assert 0 < censor["refused_fraction"] < 1 and censor["budget"] > 0
+        assert clip["clipped_fraction"] > 0 and clip["cap"] > 0
+    assert saved["kernel_rows"] == [] and saved["memory_rows"] == []
+    assert result["targets"] and os.path.exists(tmp_path / "overhead.png")
+
+
+def test_kernel_memory_rows_and_curves(tmp_path):
+    overhead.main(["--preset", "smoke", "--models", "mlp", "--batch-sizes", "4", "8",
+                   "--methods", "monitor", "--kernels", "gnq_ghost", "dpsgd",
+                   "--memory-batch-sizes", "4", "8", "--widths", "16",
+                   "--out", str(tmp_path)])
+    saved = _saved(tmp_path)
+    kernels = {(r["batch_size"], r["method"]) for r in saved["kernel_rows"]}
+    assert kernels == {(b, m) for b in (4, 8) for m in ("gnq_ghost", "dpsgd")}
+    for r in saved["kernel_rows"]:
+        assert ROW_FIELDS <= set(r) and r["section"] == "kernel"
+    # Timed points: B = 4 and 8 at width 64, and width 16 at B = 4.
+    assert {(r["batch_size"], r["width"]) for r in saved["rows"]} == {(4, 64), (8, 64), (4, 16)}
+    memory = {(r["batch_size"], r["method"]) for r in saved["memory_rows"]}
+    assert memory == {(b, m) for b in (4, 8) for m in overhead.MEMORY_METHODS}
+    for r in saved["memory_rows"]:
+        assert r["section"] == "memory" and "step_seconds" not in r
+        assert r["peak_memory_bytes"] > 0 and r["flops"] > 0 and r["baseline"] == "plain_batched"
+    factors = saved["memory_factors"]["mlp"]
+    assert set(factors) == set(overhead.MEMORY_METHODS) - {"plain_batched"}
+    assert set(factors["monitor"]) == {"4", "8"}
+    assert os.path.exists(tmp_path / "ratio_vs_batch.png")
+    assert os.path.exists(tmp_path / "ratio_vs_width.png")
+
+
+def test_gpu_preset_parses_and_its_workloads_build():
+    settings, out = overhead.parse_settings(["--preset", "gpu"])
+    assert settings["models"] == ("wrn", "transformer_big") and settings["seq_len"] == 256
+    assert set(settings["methods"]) == set(overhead.STAGE_METHODS)
+    for model in settings["models"]:
+        w = overhead.make_workload(model, 2, seq_len=8)
+        steps, _ = overhead.make_stage_steps(w, ["monitor", "dpsgd"], num_examples=4)
+        for fn, args in steps.values():
+            new_params, _, metrics = jax.eval_shape(fn, *args)
+            assert (jax.tree_util.tree_structure(new_params)
+                    == jax.tree_util.tree_structure(w.params))
+            assert "loss" in metrics
+
+
+def test_settings_reject_bad_sizes():
+    with pytest.raises(ValueError):
+        overhead.parse_settings(["--batch-sizes", "0"])
+    with pytest.raises(ValueError):
+        overhead.parse_settings(["--num-examples", "8", "--batch-sizes", "16"])
+
+
+def test_verdicts_use_the_stated_batch_size():
+    def row(model, b, method, ratio):
+        return dict(model=model, batch_size=b, method=method, ratio_to_plain=ratio,
+                    ratio_spread=[ratio, ratio], flop_ratio=1.1, memory_ratio_to_plain=1.2)
+    lines = overhead.verdicts([row("mlp", 64, "monitor", 2.0), row("mlp", 256, "monitor", 1.2),
+                               row("mlp", 256, "censor", 1.5), row("transformer", 64, "clip", 3.0)])
+    assert len(lines) == 3  # mlp B=256 monitor time + memory, censor; no clip target
+    assert "met" in lines[0] and "MISSED" in lines[2]
 
 
 # --- gnq_ghost's fused Gram + update (gujax.ghost.kernels) -------------------
 
 import flax.linen as nn  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from gujax.ghost import kernels  # noqa: E402
 from gujax.ghost.capture import capture  # noqa: E402
@@ -191,8 +283,7 @@ def test_fused_update_drops_nan_example_with_zero_weight():
 
 def test_split_parts_add_up_in_flops(tmp_path):
     from experiments import overhead_split
-    rows = overhead_split.main(["--batch-size", "8", "--blocks", "1", "--repeats", "1",
-                                "--out", str(tmp_path)])
+    rows = overhead_split.main(["--preset", "smoke", "--out", str(tmp_path)])
     by = {r["part"]: r for r in rows}
     assert set(by) == {"plain_batched", "capture", "capture+update", "capture+gram",
                        "capture+gram+update", "gnq_from_gram", "gnq_ghost"}
@@ -203,3 +294,8 @@ def test_split_parts_add_up_in_flops(tmp_path):
     assert by["gnq_ghost"]["flops"] >= by["capture+gram+update"]["flops"]
     saved = json.load(open(tmp_path / "split.json"))
     assert len(saved["rows"]) == 7 and saved["cpu_count"] == os.cpu_count()
+    assert saved["settings"]["batch_size"] == 8 and (tmp_path / "run.json").exists()
+    for argv in (["--batch-size", "0"], ["--model", "wrn"], []):  # [] : --out is in use
+        with pytest.raises(SystemExit) as err:
+            overhead_split.main(["--preset", "smoke", "--out", str(tmp_path), *argv])
+        assert err.value.code == 2, argv

@@ -22,6 +22,10 @@ def test_exits_cleanly_with_a_message_without_torch(monkeypatch, capsys, tmp_pat
     out = capsys.readouterr().out
     assert "pip install -e '.[peers]'" in out and "Skipping" in out
     assert not (tmp_path / "peers").exists()
+    # The command line is checked first: bad input is still exit status 2.
+    with pytest.raises(SystemExit) as err:
+        overhead_peers.main(["--batch-sizes", "1", "--out", str(tmp_path / "peers")])
+    assert err.value.code == 2
 
 
 def _tiny(torch):
@@ -77,13 +81,14 @@ def test_smoke_run_writes_every_method(tmp_path, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("opacus")
     out = tmp_path / "peers"
-    result = overhead_peers.main(["--batch-sizes", "8", "--blocks", "1", "--repeats", "1",
-                                  "--no-noise", "--out", str(out)])
+    result = overhead_peers.main(["--preset", "smoke", "--out", str(out)])
     saved = json.loads((out / "overhead_peers.json").read_text())
     methods = [r["method"] for r in saved["rows"]]
     assert methods == list(overhead_peers.TORCH_METHODS + overhead_peers.JAX_METHODS)
     assert all(r["step_seconds"] > 0 for r in saved["rows"])
     assert saved["versions"]["torch"] == result["versions"]["torch"]
     assert saved["torch_threads"] >= 1 and "ghost" in saved["notes"]["opacus_dpsgd"]
+    assert saved["settings"]["batch_sizes"] == [8] and saved["noise"] == []
+    assert json.loads((out / "run.json").read_text())["experiment"] == "overhead_peers"
     printed = capsys.readouterr().out
     assert "opacus_dpsgd" in printed and "jax_gnq_ghost" in printed

@@ -8,7 +8,10 @@ import pytest
 from dp_accounting import pld, rdp
 
 from gujax.dpsgd import dpsgd_aggregate
-from gujax.policies import NOISE_PRNGS, gaussian_noise, noise_prng
+from gujax.noise import (KEY_IMPLS, SCHEDULES, Noise, clipped_gaussian_sum_numpy,
+                         gaussian_noise)
+
+NOISES = [Noise(impl, schedule) for impl in KEY_IMPLS for schedule in SCHEDULES]
 from gujax.privacy import calibrate_noise_multiplier, dp_epsilon
 from gujax.sampling import fixed_batch, poisson_batch, poisson_padded_size, shuffled_batch
 
@@ -162,8 +165,8 @@ def test_dpsgd_rejects_bad_input():
         tx.update({"w": jnp.zeros((3, 2))}, tx.init(None), mask=jnp.ones(3))
 
 
-@pytest.mark.parametrize("prng", NOISE_PRNGS)
-def test_dpsgd_noise_is_gaussian_with_std_sigma_c_for_every_prng(prng):
+@pytest.mark.parametrize("noise", NOISES, ids=lambda n: f"{n.impl}-{n.schedule}")
+def test_dpsgd_noise_is_gaussian_with_std_sigma_c_for_every_generator(noise):
     """The noise every DP-SGD path adds (gujax.policies.gaussian_noise) is
     N(0, sigma^2 C^2) per coordinate, whichever key implementation and key
     schedule (per leaf or flat) draws it: moments, Kolmogorov-Smirnov and
@@ -172,7 +175,7 @@ def test_dpsgd_noise_is_gaussian_with_std_sigma_c_for_every_prng(prng):
     sigma, clip = 1.5, 2.0
     g = {"w": jnp.zeros((4, 100_000)), "b": jnp.zeros((4, 100_000))}
     tx = dpsgd_aggregate(l2_norm_clip=clip, noise_multiplier=sigma, expected_batch_size=1.0,
-                         seed=11, prng=prng)
+                         seed=11, noise=noise)
     update, state = jax.jit(lambda g, s: tx.update(g, s))(g, tx.init(None))
     z = np.concatenate([np.asarray(update["w"]), np.asarray(update["b"])]) / (sigma * clip)
     assert abs(z.mean()) < 4 / np.sqrt(z.size)
@@ -185,8 +188,7 @@ def test_dpsgd_noise_is_gaussian_with_std_sigma_c_for_every_prng(prng):
     again, _ = tx.update(g, state)
     assert abs(np.corrcoef(update["w"], again["w"])[0, 1]) < 0.02
     assert abs(np.corrcoef(update["b"], again["b"])[0, 1]) < 0.02
-    assert jax.random.key_impl(state.rng_key) == jax.random.key_impl(
-        jax.random.key(0, impl=noise_prng(prng)[0]))
+    assert jax.random.key_impl(state.key) == jax.random.key_impl(noise.key(0))
 
 
 @pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
@@ -211,21 +213,48 @@ def test_flat_noise_is_one_draw_cut_into_the_leaves(impl):
                                   jax.random.key_data(jax.random.split(key)[0]))
 
 
-def test_another_noise_prng_is_another_stream_and_bad_names_are_refused():
+def test_another_noise_generator_is_another_stream_and_bad_names_are_refused():
     g = {"w": jnp.zeros((2, 1000))}
     draws = {}
-    for prng in ("threefry2x32", "rbg"):
+    for impl in ("threefry2x32", "rbg"):
         tx = dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0,
-                             seed=3, prng=prng)
-        draws[prng] = np.asarray(tx.update(g, tx.init(None))[0]["w"])
+                             seed=3, noise=Noise(impl))
+        draws[impl] = np.asarray(tx.update(g, tx.init(None))[0]["w"])
     # Two leaves: the flat schedule's first leaf can coincide with threefry's.
     g2 = {"a": jnp.zeros((2, 10)), "w": jnp.zeros((2, 1000))}
-    for prng in ("threefry2x32", "threefry2x32_flat"):
+    for schedule in SCHEDULES:
         tx = dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0,
-                             seed=3, prng=prng)
-        draws[prng + "2"] = np.asarray(tx.update(g2, tx.init(None))[0]["w"])
+                             seed=3, noise=Noise(schedule=schedule))
+        draws[schedule] = np.asarray(tx.update(g2, tx.init(None))[0]["w"])
     assert not np.allclose(draws["threefry2x32"], draws["rbg"])
-    assert not np.allclose(draws["threefry2x322"], draws["threefry2x32_flat2"])
-    with pytest.raises(ValueError, match="prng"):
+    assert not np.allclose(draws["per_leaf"], draws["flat"])
+    with pytest.raises(ValueError, match="impl"):
+        Noise("philox")
+    with pytest.raises(ValueError, match="schedule"):
+        Noise(schedule="blocked")
+    with pytest.raises(ValueError, match="noise"):
         dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0,
-                        seed=3, prng="philox")
+                        seed=3, noise="rbg")
+
+
+def test_numpy_gaussian_mechanism_is_the_jax_one_in_distribution():
+    """The host twin (``clipped_gaussian_sum_numpy``, the private feature
+    standardiser's mechanism) and DP-SGD's clip + noise on the same rows:
+    the same clipped sum to rounding, and noise of the same law (two-sample
+    Kolmogorov-Smirnov and moments over 2 x 10^5 coordinates)."""
+    from scipy import stats
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(7, 200_000)) * np.array([[0.1], [3], [0.5], [10], [0], [1], [2]])
+    clip, sigma = 1.5, 0.8
+    exact = clipped_gaussian_sum_numpy(rows, clip, 0.0, np.random.default_rng(1))
+    tx = dpsgd_aggregate(l2_norm_clip=clip, noise_multiplier=0.0, expected_batch_size=1.0,
+                         seed=0)
+    jax_sum = np.asarray(tx.update({"w": jnp.asarray(rows, jnp.float32)}, tx.init(None))[0]["w"])
+    np.testing.assert_allclose(jax_sum, exact, rtol=1e-4, atol=1e-4)
+    host = clipped_gaussian_sum_numpy(rows, clip, sigma, np.random.default_rng(2)) - exact
+    tx = dpsgd_aggregate(l2_norm_clip=clip, noise_multiplier=sigma, expected_batch_size=1.0,
+                         seed=2)
+    device = np.asarray(tx.update({"w": jnp.zeros((1, 200_000))}, tx.init(None))[0]["w"])
+    assert stats.ks_2samp(host, device).pvalue > 1e-3
+    for z in (host, device):
+        assert abs(z.std() / (sigma * clip) - 1) < 0.01 and abs(z.mean()) < 0.01

@@ -11,9 +11,11 @@ import pytest
 import gujax.train as train_module
 from conftest import assert_trees_close
 from gujax.dpsgd import dpsgd_aggregate
+from gujax.noise import Noise
 from gujax.engine import Stage
 from gujax.transforms import gnq_censor, mean_aggregate
 from gujax.train import TrainConfig, evaluate, softmax_cross_entropy, train
+from gujax.workdir import to_saveable
 
 N = 48
 
@@ -41,7 +43,7 @@ def setup():
 
 
 def leaves_equal(a, b):
-    a, b = train_module._to_saveable(a), train_module._to_saveable(b)  # PRNG keys
+    a, b = to_saveable(a), to_saveable(b)  # PRNG keys
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -84,7 +86,7 @@ def arms(num_examples=N):
         "dpsgd": (dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0,
                                   expected_batch_size=12, seed=5), "poisson"),
         "dpsgd-rbg": (dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0,
-                                      expected_batch_size=12, seed=5, prng="rbg"), "poisson"),
+                                      expected_batch_size=12, seed=5, noise=Noise("rbg")), "poisson"),
     }
 
 
@@ -100,7 +102,7 @@ def test_same_seed_same_result_and_killed_run_resumes_identically(setup, arm, tm
     again = train(params=params, aggregator=aggregator, data=data, config=cfg, model=model,
                   eval_data=data[:2])
     leaves_equal(ref.params, again.params)
-    leaves_equal(ref.aggregator_state, again.aggregator_state)
+    leaves_equal(ref.stage_state, again.stage_state)
 
     # Kill after 5 steps (checkpoints every 3): the process dies mid-run.
     killed = tmp_path / "killed"
@@ -116,14 +118,14 @@ def test_same_seed_same_result_and_killed_run_resumes_identically(setup, arm, tm
                     model=model, eval_data=data[:2], workdir=str(killed))
     assert written == [4, 5, 6, 7, 8]
     leaves_equal(resumed.params, ref.params)
-    leaves_equal(resumed.aggregator_state, ref.aggregator_state)
+    leaves_equal(resumed.stage_state, ref.stage_state)
     assert resumed.history == ref.history and len(ref.history) == 2
     for name in ("metrics.jsonl", "history.jsonl"):
         assert (killed / name).read_text() == (whole / name).read_text()
     records = [json.loads(l) for l in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     if arm == "censor":
-        assert np.any(np.asarray(ref.aggregator_state.disclosure) > 0)
+        assert np.any(np.asarray(ref.stage_state.disclosure) > 0)
     # A finished run resumes to itself without training.
     done = train(params=params, aggregator=aggregator, data=data, config=cfg, model=model,
                  eval_data=data[:2], workdir=str(whole))
@@ -142,8 +144,8 @@ def test_different_seed_changes_the_run(setup):
 def test_replaceable_gradient_stage(setup):
     model, params, data = setup
 
-    def frozen_stage(p, batch, aggregator_state):
-        return jax.tree_util.tree_map(jnp.zeros_like, p), aggregator_state, {"ids": batch["id"].sum()}
+    def frozen_stage(p, batch, stage_state):
+        return jax.tree_util.tree_map(jnp.zeros_like, p), stage_state, {"ids": batch["id"].sum()}
 
     result = train(params=params, stage=Stage(mean_aggregate().init, frozen_stage), data=data,
                    config=config(epochs=1), model=model)
@@ -221,7 +223,7 @@ def test_stacked_runs_resume_identically_after_a_kill(setup, arm, tmp_path, metr
     assert written == [7, 8]
     for a, b in zip(whole, resumed):
         leaves_equal(a.params, b.params)
-        leaves_equal(a.aggregator_state, b.aggregator_state)
+        leaves_equal(a.stage_state, b.stage_state)
         assert a.history == b.history
     for name in ("metrics.jsonl", "history.jsonl"):
         assert (killed / name).read_text() == (tmp_path / "whole" / name).read_text()
@@ -295,9 +297,25 @@ def test_any_batch_schema_trains_like_images_and_labels(setup):
     b = train(params=params, stage=make_stage(ghost_engine(token_loss), policy),
               data={"tokens": x, "target": y, "id": ids}, config=cfg)
     leaves_equal(a.params, b.params)
-    leaves_equal(a.aggregator_state, b.aggregator_state)
+    leaves_equal(a.stage_state, b.stage_state)
     with pytest.raises(ValueError, match="'id'"):
         train(params=params, stage=make_stage(ghost_engine(token_loss), policy),
               data={"tokens": x, "target": y}, config=cfg)
     with pytest.raises(ValueError, match="exactly one"):
         train(params=params, data=(x, y, ids), config=cfg, model=model)
+
+
+def test_train_and_a_stack_of_one_write_the_same_run_folder(setup, tmp_path):
+    """``train`` is ``train_stacked`` with M = 1: the same files, byte for
+    byte (config.json, metrics.jsonl, history.jsonl), and the same run."""
+    model, params, data = setup
+    cfg = config(checkpoint_every=3)
+    one = train(params=params, aggregator=mean_aggregate(), data=data, config=cfg,
+                model=model, eval_data=data[:2], workdir=str(tmp_path / "one"))
+    (stack,) = train_module.train_stacked(params=[params], aggregator=mean_aggregate(), data=[data],
+                             configs=[cfg], model=model, eval_data=data[:2],
+                             workdir=str(tmp_path / "stack"))
+    for name in ("config.json", "metrics.jsonl", "history.jsonl"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "stack" / name).read_text()
+    leaves_equal(one.params, stack.params)
+    assert one.history == stack.history

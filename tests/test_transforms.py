@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from gujax.grads import gram
-from gujax.transforms import (GnqState, censor_policy, clip_policy, gnq_censor,
-                              gnq_clip, gnq_monitor, mean_aggregate)
+from gujax.policies import GnqState, batch_stats, censor_policy, clip_policy
+from gujax.transforms import gnq_censor, gnq_clip, gnq_monitor, mean_aggregate
 
 SHAPES = {"w": (6, 3), "b": (3,)}
 P = 21
@@ -204,7 +204,7 @@ def test_censor_realised_disclosure_never_exceeds_budget():
         ids = rng.choice(NUM_EXAMPLES, 10, replace=False)
         rows = flat(grads)
         before = np.asarray(state.disclosure, np.float64)
-        weights, state = jax.jit(policy.weights)(gram(grads), jnp.asarray(ids), None, state)
+        weights, state = jax.jit(policy.weights)(batch_stats(gram(grads)), jnp.asarray(ids), None, state)
         admitted = np.asarray(weights) > 0
         np.testing.assert_allclose(np.asarray(weights)[admitted], 0.1, rtol=1e-6)
         lam = relative_lam(rows)
@@ -223,15 +223,15 @@ def test_clip_keeps_realised_step_disclosure_within_cap():
     rng = np.random.default_rng(6)
     cap = 0.4
     s_max = np.expm1(2 * cap)
-    tx = gnq_clip(max_step_disclosure=cap, num_examples=NUM_EXAMPLES, reg=REG)
-    policy = clip_policy(max_step_disclosure=cap, num_examples=NUM_EXAMPLES, reg=REG)
+    tx = gnq_clip(max_step=cap, num_examples=NUM_EXAMPLES, reg=REG)
+    policy = clip_policy(max_step=cap, num_examples=NUM_EXAMPLES, reg=REG)
     chained = optax.chain(tx, optax.adam(1e-2))
     state = chained.init(params0())
     for step in range(3):
         grads = make_grads(rng, 12)
         ids = np.arange(12) + 12 * step
         rows = flat(grads)
-        weights, _ = jax.jit(policy.weights)(gram(grads), jnp.asarray(ids), None, state[0])
+        weights, _ = jax.jit(policy.weights)(batch_stats(gram(grads)), jnp.asarray(ids), None, state[0])
         factors = np.asarray(weights, np.float64) * 12
         assert np.all((factors >= 0) & (factors <= 1 + 1e-7))
         lam = relative_lam(rows)
@@ -255,7 +255,7 @@ def test_clip_leaves_unremarkable_batch_alone():
     rng = np.random.default_rng(7)
     grads, rows = planted_batch(rng)
     ordinary = jax.tree_util.tree_map(lambda g: g[1:], grads)
-    update, state = run(gnq_clip(max_step_disclosure=2.0, num_examples=NUM_EXAMPLES,
+    update, state = run(gnq_clip(max_step=2.0, num_examples=NUM_EXAMPLES,
                                  reg=REG), ordinary, np.arange(15))
     assert int(state.num_clipped) == 0
     tree_close(update, unflat_mean(rows[1:], np.full(15, 1 / 15)))
@@ -264,7 +264,7 @@ def test_clip_leaves_unremarkable_batch_alone():
 @pytest.mark.parametrize("make", [
     lambda: gnq_monitor(num_examples=NUM_EXAMPLES, reg=REG),
     lambda: gnq_censor(budget=1.2, num_examples=NUM_EXAMPLES, reg=REG),
-    lambda: gnq_clip(max_step_disclosure=0.5, num_examples=NUM_EXAMPLES, reg=REG),
+    lambda: gnq_clip(max_step=0.5, num_examples=NUM_EXAMPLES, reg=REG),
 ])
 def test_padding_rows_change_nothing(make):
     rng = np.random.default_rng(8)
@@ -306,30 +306,44 @@ def test_reference_rows_enter_s_but_are_not_scored_or_aggregated():
     np.testing.assert_allclose(s2.disclosure, state.disclosure, rtol=1e-6)
 
 
-def test_duplicated_id_is_charged_for_both_occurrences():
+def test_an_id_twice_in_a_batch_is_one_merged_contribution():
+    """An example's contribution to a step is the sum of its rows. Two copies
+    of g_0 (ids 3, 3) are scored and charged as the one row 2 g_0 against the
+    others (naive definition: merge the rows, build S_-j in P x P, solve),
+    not each copy against the other (which makes both look non-unique)."""
     rng = np.random.default_rng(10)
     grads = make_grads(rng, 8)
+    grads = jax.tree_util.tree_map(lambda g: g.at[1].set(g[0]), grads)   # an exact copy
     ids = np.array([3, 3, 4, 5, 6, 7, 8, 9])
     _, state = run(gnq_monitor(num_examples=NUM_EXAMPLES, reg=REG), grads, ids)
     rows = flat(grads)
-    d = 0.5 * np.log1p(naive_gnq(rows, relative_lam(rows)))
-    np.testing.assert_allclose(state.disclosure[3], d[0] + d[1], rtol=1e-4)
-    # Both copies are charged, but the counters count steps, as documented
-    # (they counted rows, 2, until the consolidation fixed it).
+    merged = np.vstack([rows[0] + rows[1], rows[2:]])
+    want = naive_gnq(merged, relative_lam(merged))
+    d = 0.5 * np.log1p(want)
+    np.testing.assert_allclose(state.cumulative_gnq[3], want[0], rtol=1e-4)
+    np.testing.assert_allclose(state.disclosure[3], d[0], rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(state.disclosure)[4:10], d[1:], rtol=1e-4)
+    # The old charge (each copy scored against the other, summed) is far lower.
+    per_copy = 0.5 * np.log1p(naive_gnq(rows, relative_lam(rows)))
+    assert per_copy[0] + per_copy[1] < 0.6 * d[0]
     assert int(state.steps_used[3]) == 1 and int(state.times_scored[3]) == 1
-    # Censor: each copy alone fits, both together do not -> both refused.
-    budget = float(max(d[0], d[1]) + 0.5 * min(d[0], d[1]))
-    assert d[0] + d[1] > budget
+    # Censor: the merged contribution does not fit, so both rows are refused.
+    budget = float(0.9 * d[0])
     _, cstate = run(gnq_censor(budget=budget, num_examples=NUM_EXAMPLES, reg=REG),
                     grads, ids)
     assert bool(cstate.retired[3]) and float(cstate.disclosure[3]) == 0
     assert np.all(np.asarray(cstate.disclosure) <= budget * (1 + 1e-4))
+    # Clip: one factor for both rows; the merged contribution's d is capped.
+    cap = float(0.5 * d[0])
+    update, kstate = run(gnq_clip(max_step=cap, num_examples=NUM_EXAMPLES, reg=REG),
+                         grads, ids)
+    assert float(kstate.disclosure[3]) <= cap * (1 + 1e-3)
 
 
 @pytest.mark.parametrize("make", [
     lambda: gnq_monitor(num_examples=NUM_EXAMPLES, reg=REG),
     lambda: gnq_censor(budget=float("inf"), num_examples=NUM_EXAMPLES, reg=REG),
-    lambda: gnq_clip(max_step_disclosure=5.0, num_examples=NUM_EXAMPLES, reg=REG),
+    lambda: gnq_clip(max_step=5.0, num_examples=NUM_EXAMPLES, reg=REG),
 ])
 def test_nonfinite_example_is_refused_and_does_not_poison(make):
     rng = np.random.default_rng(11)
@@ -381,8 +395,8 @@ def test_bad_input_is_rejected():
         kwargs = {"num_examples": 10, "reg": REG, **kwargs}
         with pytest.raises(ValueError, match=match):
             gnq_censor(**kwargs)
-    with pytest.raises(ValueError, match="max_step_disclosure"):
-        gnq_clip(max_step_disclosure=0.0, num_examples=10, reg=REG)
+    with pytest.raises(ValueError, match="max_step"):
+        gnq_clip(max_step=0.0, num_examples=10, reg=REG)
 
 
 def test_out_of_range_id_under_jit_is_treated_as_padding():
@@ -400,7 +414,7 @@ def test_out_of_range_id_under_jit_is_treated_as_padding():
 def test_state_is_a_namedtuple_of_arrays_and_deterministic():
     rng = np.random.default_rng(14)
     grads = make_grads(rng, 8)
-    tx = gnq_clip(max_step_disclosure=0.3, num_examples=NUM_EXAMPLES, reg=REG)
+    tx = gnq_clip(max_step=0.3, num_examples=NUM_EXAMPLES, reg=REG)
     a = run(tx, grads, np.arange(8))
     b = run(tx, grads, np.arange(8))
     assert isinstance(a[1], GnqState)

@@ -50,9 +50,8 @@ import jax
 import numpy as np
 
 from gujax import checks
-from gujax.arms import build_pipeline, ledger
+from gujax.arms import TrainingRun, train_runs
 from gujax.data.dataset import Dataset, model_inputs
-from gujax.train import softmax_cross_entropy, train_stacked
 
 KINDS = ("mislabel", "ood", "dirac")
 
@@ -264,10 +263,10 @@ class CanaryRun(NamedTuple):
 def train_canary_runs(arm, *, model, config, sets: Sequence[tuple[np.ndarray, np.ndarray]],
                       seeds: Sequence[int], method: str = "ghost") -> list[CanaryRun]:
     """Train one model of ``arm`` (``gujax.arms.Arm``) per (images,
-    labels) of ``sets`` (uint8 pixels or float32 features), all together (``gujax.train.train_stacked``, one
-    step vmapped over them), model r initialised, sampled and noised from
+    labels) of ``sets`` (uint8 pixels or float32 features), all together
+    (``gujax.arms.train_runs``), model r initialised, sampled and noised from
     ``seeds[r]``; ``config`` is a ``TrainConfig`` whose seed, sampling,
-    batch size and learning rate are set per arm as the shadow models do.
+    batch size and learning rate ``train_runs`` sets per run and arm.
 
     The sets may differ in size (a run holds the canaries it drew): every
     ledger is sized to the largest set, ids being row positions, so the
@@ -275,35 +274,21 @@ def train_canary_runs(arm, *, model, config, sets: Sequence[tuple[np.ndarray, np
     """
     if len(sets) != len(seeds) or not sets:
         raise ValueError(f"need one seed per training set, got {len(seeds)} for {len(sets)}")
-    batch_size = arm.batch_size or config.batch_size
-    largest = max(len(labels) for _, labels in sets)
-    loss_fn = softmax_cross_entropy(model)
-    pipelines = [build_pipeline(arm, loss_fn=loss_fn, train_size=len(labels),
-                                batch_size=batch_size, epochs=config.epochs, seed=seed,
-                                num_examples=largest, method=method)
-                 for (_, labels), seed in zip(sets, seeds)]
     inits = [model.init(jax.random.key(seed), model_inputs(images[:1]))["params"]
              for (images, _), seed in zip(sets, seeds)]
-    configs = [dataclasses.replace(config, seed=seed, sampling=p.sampling,
-                                   batch_size=batch_size,
-                                   learning_rate=arm.learning_rate or config.learning_rate)
-               for seed, p in zip(seeds, pipelines)]
     start = time.perf_counter()
-    results = train_stacked(
-        params=inits, stage=pipelines[0].stage,
-        stage_states=[p.stage.init(q) for p, q in zip(pipelines, inits)],
-        data=[(images, labels, np.arange(len(labels))) for images, labels in sets],
-        configs=configs, model=model)
-    jax.block_until_ready([r.params for r in results])
+    trained = train_runs(arm, [TrainingRun((images, labels, np.arange(len(labels))), seed, p)
+                               for (images, labels), seed, p in zip(sets, seeds, inits)],
+                         config, model=model, method=method)
+    jax.block_until_ready([t.params for t in trained])
     wall = (time.perf_counter() - start) / len(sets)
     runs = []
-    for result, pipeline, (_, labels) in zip(results, pipelines, sets):
-        book = jax.device_get(ledger(result.aggregator_state))
+    for t, init, (_, labels) in zip(trained, inits, sets):
+        book = None if t.ledger is None else jax.device_get(t.ledger)
         n = len(labels)
         runs.append(CanaryRun(
-            init_params=None, params=result.params,
+            init_params=init, params=t.params,
             disclosure=None if book is None else np.asarray(book.disclosure)[:n],
             retired=None if book is None else np.asarray(book.retired, bool)[:n],
-            noise_multiplier=pipeline.noise_multiplier, epsilon=pipeline.epsilon,
-            wall_seconds=wall))
-    return [r._replace(init_params=p) for r, p in zip(runs, inits)]
+            noise_multiplier=t.noise_multiplier, epsilon=t.epsilon, wall_seconds=wall))
+    return runs

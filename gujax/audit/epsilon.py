@@ -261,7 +261,7 @@ def _label_log_probs(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     return z_y - lse_all, lse_others - lse_all
 
 
-def loss_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def canary_loss_scores(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(R, n) log p_y (minus the loss, nats) of logits (R, n, C) at the
     canaries' labels (n,): the loss-threshold score."""
     return _label_log_probs(logits, labels)[0]

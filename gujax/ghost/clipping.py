@@ -8,12 +8,9 @@ gradients give directly as one weighted weight-gradient contraction per layer
 pass for the output gradients, the norms, and the weight-gradient half of a
 second backward pass.
 
-The decision is ``gujax.policies.dpsgd_policy``'s (the one used by every
-DP-SGD path in gujax): rows masked out or whose gradient is not finite
-contribute nothing, the noise is drawn with optax's key schedule
-(``gujax.policies.gaussian_noise``), so the same key gives the same update as
-``optax.contrib.differentially_private_aggregate`` on materialised gradients,
-to rounding.
+Both functions are the trainer's ghost stage with ``gujax.policies.dpsgd_policy``
+(``gujax.engine.ghost_engine`` and ``policy_step``, as ``make_stage`` runs
+them), returning the clip decisions beside the update.
 """
 from __future__ import annotations
 
@@ -21,13 +18,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from optax.contrib import DifferentiallyPrivateAggregateState
 
-from gujax import checks
-from gujax.ghost.capture import LossFn, capture
-from gujax.ghost.kernels import tape_sq_norms, tape_weighted_grad
-from gujax.grads import batch_size
-from gujax.policies import dpsgd_policy
+from gujax.engine import ghost_engine, policy_step
+from gujax.ghost.capture import LossFn
+from gujax.noise import Noise
+from gujax.policies import DpsgdState, dpsgd_policy
 
 PyTree = Any
 
@@ -41,13 +36,12 @@ class ClipInfo(NamedTuple):
     losses: jax.Array
 
 
-def _clip(loss_fn, params, batch, policy, state, mask):
-    checks.mask(mask, batch_size(batch))
-    tape = capture(loss_fn, params, batch)
-    sq = tape_sq_norms(tape)
-    weights, state = policy.weights(sq, None, mask, state)
-    return tape_weighted_grad(tape, params, weights), state, ClipInfo(
-        jnp.sqrt(sq), weights, tape.losses)
+def _step(loss_fn, params, batch, policy, state, mask):
+    grad_pass = ghost_engine(loss_fn).run(params, batch)
+    stats = grad_pass.statistics(policy.cross_terms)
+    update, state, weights = policy_step(grad_pass, policy, state, example_ids=None,
+                                         mask=mask, stats=stats)
+    return update, state, ClipInfo(jnp.sqrt(stats.sq_norms), weights, grad_pass.losses)
 
 
 def ghost_clipped_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
@@ -63,36 +57,32 @@ def ghost_clipped_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
     """
     policy = dpsgd_policy(l2_norm_clip=l2_norm_clip, expected_batch_size=1.0,
                           noise_multiplier=0.0)
-    total, _, info = _clip(loss_fn, params, batch, policy, None, mask)
+    total, _, info = _step(loss_fn, params, batch, policy, policy.init(), mask)
+    # sigma = 0: the finish added exact zeros and divided by 1.
     return total, info
 
 
-def ghost_dpsgd(loss_fn: LossFn, params: PyTree, batch: PyTree,
-                state: DifferentiallyPrivateAggregateState, *, l2_norm_clip,
-                noise_multiplier, expected_batch_size=None, mask=None,
-                prng: str = "threefry2x32"
-                ) -> tuple[PyTree, DifferentiallyPrivateAggregateState, ClipInfo]:
+def ghost_dpsgd(loss_fn: LossFn, params: PyTree, batch: PyTree, state: DpsgdState, *,
+                mask=None, noise: Noise = Noise()
+                ) -> tuple[PyTree, DpsgdState, ClipInfo]:
     """One DP-SGD aggregation by ghost clipping.
 
     Returns (sum_j clip_C(g_j) + N(0, sigma^2 C^2 I)) / expected_batch_size
     (shaped like params), the state with the next key, and ``ClipInfo``.
 
     Args:
-      state: ``DifferentiallyPrivateAggregateState(rng_key)``; the state of
-        ``optax.contrib.differentially_private_aggregate`` or
-        ``gujax.dpsgd_aggregate`` can be used unchanged.
-      l2_norm_clip: C > 0. noise_multiplier: sigma >= 0.
-      expected_batch_size: denominator (q N under Poisson sampling); default
-        B, the padded batch size, as optax does.
+      state: a ``DpsgdState`` without a ledger, e.g.
+        ``dpsgd_policy(l2_norm_clip=C, expected_batch_size=q N,
+        noise_multiplier=sigma, seed=s, noise=noise).init()`` (or
+        ``gujax.dpsgd_aggregate(...).init(params)``): sigma, C, the
+        denominator and the key are read from it.
       mask: optional (B,) bool, False for padding rows.
-      prng: the noise's key implementation and draw (``gujax.policies.NOISE_PRNGS``;
-        the state's key must be of that implementation, as ``dpsgd_policy``'s init
-        makes it).
+      noise: the generator the state's key was made for (``gujax.noise.Noise``).
     """
-    n = batch_size(batch)
-    policy = dpsgd_policy(l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-                          expected_batch_size=n if expected_batch_size is None
-                          else expected_batch_size, prng=prng)
-    total, _, info = _clip(loss_fn, params, batch, policy, state, mask)
-    update, state = policy.finish(total, state)
-    return update, state, info
+    if not isinstance(state, DpsgdState) or state.ledger is not None:
+        raise ValueError("ghost_dpsgd takes a DpsgdState without a ledger "
+                         "(dpsgd_policy(...).init()), got " + type(state).__name__)
+    # The constants in the closure are placeholders: every one is read from state.
+    policy = dpsgd_policy(l2_norm_clip=1.0, expected_batch_size=1.0, noise_multiplier=0.0,
+                          noise=noise)
+    return _step(loss_fn, params, batch, policy, state, mask)

@@ -6,13 +6,11 @@ probability 1/2 (``shadow_membership(..., balanced=False)``), so the shadow
 group sizes carry no information about the target's membership
 (docs/audit.md, "Shadow masks").
 
-``_fit_group`` is the one function that calls the arm and trainer APIs
-(``gujax.arms.build_pipeline``, ``gujax.train.train_stacked``,
-``gujax.arms.ledger``).
+``_fit_group`` trains a group through ``gujax.arms.train_runs``, the one way
+an arm's runs are trained.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from types import SimpleNamespace
 from typing import NamedTuple, Sequence
@@ -21,12 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gujax.arms import build_pipeline, ledger
+from gujax.arms import TrainingRun, train_runs
 from gujax.audit.shadow.record import AUGMENTATIONS, ShadowModel, ShadowSpec
 from gujax.data.dataset import Dataset, model_inputs
 from gujax.data.splits import shadow_membership
 from gujax.sharding import run_mesh
-from gujax.train import softmax_cross_entropy, train_stacked
 
 
 def check_data(pool: Dataset, population: Dataset) -> None:
@@ -117,48 +114,33 @@ def _fit_group(spec: ShadowSpec, runs: Sequence[_Run], *, pool: Dataset,
                checkpoint_dir: str | None) -> tuple[list[_Fitted], float]:
     """Train ``runs`` together (one vmapped step); (fitted models, wall seconds).
 
-    The one place that calls the arm and trainer APIs. Ids are pool
-    positions: the ledger is (N,) for every model, so all models of an arm
-    share state shapes and (with a persistent compilation cache) one compiled
-    step. The models differ only in what lives in their state (init, DP-SGD's
-    sigma and noise key) and data, so the first model's stage serves them
-    all. The trainer shows its step bar when ``spec.config.progress``.
+    Ids are pool positions: the ledger is (N,) for every model, so all models
+    of an arm share state shapes and (with a persistent compilation cache)
+    one compiled step; each model's DP-SGD sigma is calibrated for its own
+    training-set size (``gujax.arms.train_runs``). The trainer shows its step
+    bar when ``spec.config.progress``.
     """
-    loss_fn = softmax_cross_entropy(spec.model)
-    config = spec.config
-    batch_size = spec.arm.batch_size or config.batch_size
-    pipelines = [build_pipeline(spec.arm, loss_fn=loss_fn, train_size=len(r.rows),
-                                batch_size=batch_size, epochs=config.epochs, seed=r.seed,
-                                num_examples=len(pool), method=spec.method) for r in runs]
-    configs = [dataclasses.replace(config, seed=r.seed, sampling=p.sampling,
-                                   batch_size=batch_size,
-                                   learning_rate=spec.arm.learning_rate or config.learning_rate)
-               for r, p in zip(runs, pipelines)]
-    first = pipelines[0]
     start = time.perf_counter()
-    results = train_stacked(
-        params=[r.params for r in runs], stage=first.stage,
-        stage_states=[p.stage.init(r.params) for r, p in zip(runs, pipelines)],
-        data=[(pool.images[r.rows], pool.labels[r.rows], r.rows) for r in runs],
-        configs=configs, model=spec.model, workdir=checkpoint_dir, resume=True,
-        mesh=_group_mesh(len(runs)))
-    jax.block_until_ready([r.params for r in results])
+    trained = train_runs(
+        spec.arm, [TrainingRun((pool.images[r.rows], pool.labels[r.rows], r.rows), r.seed,
+                               r.params) for r in runs],
+        spec.config, model=spec.model, num_examples=len(pool), method=spec.method,
+        workdir=checkpoint_dir, resume=True, mesh=_group_mesh(len(runs)))
+    jax.block_until_ready([t.params for t in trained])
     wall = time.perf_counter() - start
     fitted = []
-    for result, pipeline, config in zip(results, pipelines, configs):
+    for t in trained:
         # The ledger is already indexed by pool position; OUT entries are 0.
-        book = jax.device_get(ledger(result.aggregator_state))
-        if book is None:    # DP-SGD with ledger=False: no disclosure was measured
-            book = _no_ledger(len(pool))
+        book = _no_ledger(len(pool)) if t.ledger is None else jax.device_get(t.ledger)
         fitted.append(_Fitted(
-            params=result.params,
+            params=t.params,
             disclosure=np.asarray(book.disclosure, np.float32),
             cumulative_gnq=np.asarray(book.cumulative_gnq, np.float32),
             steps_used=np.asarray(book.steps_used, np.int32),
             retired=np.asarray(book.retired, bool),
-            noise_multiplier=pipeline.noise_multiplier, epsilon=pipeline.epsilon,
-            learning_rate=config.learning_rate, sampling=config.sampling,
-            final_loss=result.history[-1].get("loss") if result.history else None))
+            noise_multiplier=t.noise_multiplier, epsilon=t.epsilon,
+            learning_rate=t.config.learning_rate, sampling=t.config.sampling,
+            final_loss=t.history[-1].get("loss") if t.history else None))
     return fitted, wall
 
 
