@@ -154,3 +154,15 @@ def boolean_array(value, name: str) -> np.ndarray:
             raise ValueError(f"{name} must be boolean (or 0/1), got dtype {value.dtype}")
         value = value.astype(bool)
     return value
+
+
+def labels(labels, num_classes: int, name: str) -> np.ndarray:
+    """Integer class labels in [0, num_classes), as an int32 numpy array."""
+    values = np.asarray(labels)
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{name} must be integers, got dtype {values.dtype}")
+    bad = (values < 0) | (values >= num_classes)
+    if bad.any():
+        raise ValueError(f"{name} must lie in [0, {num_classes}); got "
+                         f"{values[bad][:5].tolist()} at rows {np.flatnonzero(bad)[:5].tolist()}")
+    return values.astype(np.int32)

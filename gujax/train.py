@@ -210,6 +210,9 @@ def _check_data(data, name="data") -> dict[str, np.ndarray]:
                              f"got {images.shape}, {labels.shape}, {ids.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"{name}: labels and ids must be integers")
+        if n and labels.min() < 0:
+            raise ValueError(f"{name}: labels must be >= 0 (class indices), got "
+                             f"{int(labels.min())} at row {int(np.argmin(labels))}")
         arrays = {"image": images, "label": labels.astype(np.int32), "id": ids}
     sizes = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
     if len(set(sizes.values())) != 1 or None in sizes.values():

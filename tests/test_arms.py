@@ -214,3 +214,24 @@ def test_a_kind_registered_in_a_test_trains_through_parse_arm_and_the_harness(to
                                         full.params, init)
     assert 0 < sum(jax.tree_util.tree_leaves(moved)) < sum(jax.tree_util.tree_leaves(moved_full))
     assert half.ledger is None and half.noise_multiplier is None
+
+
+def test_train_runs_is_the_one_place_that_trains_an_arm():
+    """The claim in gujax.arms' docstring, held: outside the trainer itself,
+    only ``gujax.arms.train_runs`` calls ``train_stacked`` (or ``train``) in
+    the library and the experiments, and nothing builds a policy stage for
+    an arm elsewhere (``spec.policy(`` appears in gujax/arms.py alone)."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parent.parent
+    callers, policy_builders = set(), set()
+    for path in [*root.glob("gujax/**/*.py"), *root.glob("experiments/*.py")]:
+        rel = str(path.relative_to(root))
+        code = "\n".join(line for line in path.read_text().splitlines()
+                         if not line.lstrip().startswith(("#", '"', "'")))
+        if rel != "gujax/train.py" and re.search(r"(?<![\w.])train_stacked\(|train\.train\(", code):
+            callers.add(rel)
+        if re.search(r"\.policy\(arm, ", code):
+            policy_builders.add(rel)
+    assert callers == {"gujax/arms.py"}, callers
+    assert policy_builders == {"gujax/arms.py"}, policy_builders

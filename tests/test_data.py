@@ -418,3 +418,13 @@ def test_random_crop_and_flip_under_jit():
     assert both.shape == images.shape and both.dtype == np.float32
     with pytest.raises(ValueError, match="batch"):
         gd.random_flip(key, image)
+
+
+@pytest.mark.parametrize("bad", [-1, 15])
+def test_dataset_refuses_out_of_range_labels_naming_split_and_value(bad):
+    from gujax.data.dataset import Dataset
+    labels = np.array([0, bad, 3], np.int32)
+    with pytest.raises(ValueError, match=rf"'train'.*\[{bad}\]"):
+        Dataset(images=np.zeros((3, 2, 2, 1), np.uint8), labels=labels,
+                ids=np.arange(3, dtype=np.int64), class_names=tuple(map(str, range(10))),
+                name="toy", split="train")

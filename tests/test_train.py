@@ -319,3 +319,12 @@ def test_train_and_a_stack_of_one_write_the_same_run_folder(setup, tmp_path):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "stack" / name).read_text()
     leaves_equal(one.params, stack.params)
     assert one.history == stack.history
+
+
+def test_negative_labels_are_refused_where_data_enters_the_trainer(setup):
+    model, params, (images, labels, ids) = setup
+    bad = np.array(labels).copy()
+    bad[3] = -1
+    with pytest.raises(ValueError, match="labels must be >= 0.*-1 at row 3"):
+        train(params=params, aggregator=mean_aggregate(), data=(images, bad, ids),
+              config=config(), model=model)

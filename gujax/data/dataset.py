@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gujax import checks
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
@@ -44,8 +46,8 @@ class Dataset:
                              f"{self.labels.dtype}")
         if self.ids.shape != (n,) or self.ids.dtype != np.int64:
             raise ValueError(f"ids must be ({n},) int64; got {self.ids.shape} {self.ids.dtype}")
-        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
+        checks.labels(self.labels, len(self.class_names),
+                      f"labels of {self.name!r} split {self.split!r}")
 
     def __len__(self) -> int:
         return len(self.images)

@@ -34,7 +34,7 @@ class ShadowSpec:
     seed: seeds the membership masks, inits, sampling and noise.
     augmentations: query augmentations, names in ``AUGMENTATIONS``.
     method: gradient engine, "ghost" or "explicit"
-      (``gujax.arms.build_pipeline``; not part of the run's identity: both
+      (``gujax.arms.train_runs``; not part of the run's identity: both
       engines train the same models to rounding).
     """
     arm: Arm
