@@ -14,11 +14,11 @@ gradient an attacker observes under each defense (named as the arms,
 ``experiments.harness``):
 
   sgd       the batch-mean gradient
-  dpsgd     (sum_j clip_C(g_j) + N(0, sigma^2 C^2 I)) / B, sigma calibrated for
+  dpsgd     (sum_j clip_C(g_j) + N(0, sigma^2 C^2 I)) / B_run, sigma calibrated for
             a DP-SGD run of ``epochs`` epochs over ``num_train`` examples at
             (target_epsilon, delta), Poisson sampling (the noise that run adds),
-            C = ``clip_norm``
-  clip      sum_j c_j g_j / B with c_j the weights of ``gnq_clip`` at a cap of
+            C = ``clip_norm``, B_run = ``batch_size`` the run's expected batch
+  clip      sum_j c_j g_j / B with c_j the weights of ``clip_policy`` at a cap of
             the batch's ``clip_quantile`` quantile of d_j = 1/2 log(1 + GNQ_j)
 
 and attacks it two ways:
@@ -71,9 +71,9 @@ from experiments.cli import option  # noqa: E402
 from experiments.report import format_table  # noqa: E402
 from gujax.audit.reconstruction import (invert_dense_gradient, invert_gradient,  # noqa: E402
                                         match_reconstructions, psnr, ssim)
-from gujax.dpsgd import dpsgd_aggregate  # noqa: E402
+from gujax.arms import Arm, RunSize  # noqa: E402
 from gujax.grads import per_example_grads  # noqa: E402
-from gujax.transforms import gnq_clip  # noqa: E402
+from gujax.transforms import policy_transformation  # noqa: E402
 from gujax.uniqueness import disclosure, gnq  # noqa: E402
 
 NAME = "reconstruction"
@@ -147,20 +147,32 @@ def best_unit_psnr(dense_grads, originals) -> np.ndarray:
     return np.array([max(capped_psnr(c, x) for c in candidates) for x in flat])
 
 
+def defense_arms(settings: ReconstructionSettings, cap: float) -> dict[str, Arm]:
+    """Each defense as the arm it is (``cli.make_arm`` of its text): DP-SGD
+    at (target_epsilon, delta, clip_norm) from the settings, the clip arm at
+    the batch's cap ``cap`` (nats)."""
+    return {text: cli.make_arm(text, settings, cli.Thresholds(budget=float("inf"),
+                                                             max_step=cap))
+            for text in DEFENSES}
+
+
 def observed_gradients(grads, settings: ReconstructionSettings, gnq_scores, key_seed: int
                        ) -> dict:
-    """The aggregate gradient an attacker sees under each defense (a pytree each)."""
+    """The aggregate gradient an attacker sees under each defense (a pytree
+    each): one step of each arm's policy (``gujax.arms`` registry), built for
+    a run of ``epochs`` epochs over ``num_train`` examples (DP-SGD's sigma,
+    its expected batch ``batch_size`` and noise seeded by ``key_seed``), on
+    this batch's per-example gradients."""
     b = len(gnq_scores)
-    dp = dpsgd_aggregate(l2_norm_clip=settings.clip_norm,
-                         noise_multiplier=memorisation.dp_noise_multiplier(settings),
-                         expected_batch_size=b, seed=key_seed)
-    dp_update, _ = dp.update(grads, dp.init(None))
     cap = float(np.quantile(np.asarray(disclosure(gnq_scores)), settings.clip_quantile))
-    clip = gnq_clip(max_step=cap, num_examples=b, reg=settings.reg)
-    clip_update, clip_state = clip.update(grads, clip.init(None), example_ids=jnp.arange(b))
-    mean = jax.tree_util.tree_map(lambda g: g.mean(0), grads)
-    return {"sgd": mean, "dpsgd": dp_update, "clip": clip_update,
-            "clip_cap_nats": cap, "num_clipped": int(clip_state.num_clipped)}
+    size = RunSize(train_size=settings.num_train, num_examples=b,
+                   batch_size=settings.batch_size, epochs=settings.epochs, seed=key_seed)
+    observed, states = {}, {}
+    for text, arm in defense_arms(settings, cap).items():
+        tx = policy_transformation(arm.spec.policy(arm, size))
+        observed[text], states[text] = tx.update(grads, tx.init(None),
+                                                 example_ids=jnp.arange(b))
+    return {**observed, "clip_cap_nats": cap, "num_clipped": int(states["clip"].num_clipped)}
 
 
 def attack_batch(model, params, images, labels, settings: ReconstructionSettings, key) -> dict:
