@@ -472,7 +472,7 @@ def train(*, params: PyTree, data, config: TrainConfig, stage: Stage | None = No
         ``arange(N)``).
       config: ``TrainConfig``.
       stage: the ``gujax.engine.Stage`` (``make_stage(engine, policy)``, or
-        ``gujax.arms.build_pipeline(...).stage``); its ``num_examples`` must
+        the stage ``gujax.arms.train_runs`` builds); its ``num_examples`` must
         exceed every id.
       aggregator: instead of ``stage``, an optax transformation over
         per-example gradients (``mean_aggregate()``, ``dpsgd_aggregate(...)``,

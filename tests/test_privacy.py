@@ -167,7 +167,7 @@ def test_dpsgd_rejects_bad_input():
 
 @pytest.mark.parametrize("noise", NOISES, ids=lambda n: f"{n.impl}-{n.schedule}")
 def test_dpsgd_noise_is_gaussian_with_std_sigma_c_for_every_generator(noise):
-    """The noise every DP-SGD path adds (gujax.policies.gaussian_noise) is
+    """The noise every DP-SGD path adds (gujax.noise.Noise.draw) is
     N(0, sigma^2 C^2) per coordinate, whichever key implementation and key
     schedule (per leaf or flat) draws it: moments, Kolmogorov-Smirnov and
     D'Agostino-Pearson tests on 2 x 10^5 coordinates at a fixed seed."""
