@@ -86,7 +86,7 @@ import os
 # unaffected). Must be set before numpy / jax load OpenBLAS.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse
+import dataclasses
 import inspect
 import json
 import platform
@@ -100,6 +100,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from experiments import cli
+from experiments.cli import BenchmarkSettings, Experiment, option, presets
+from gujax import checks
 from gujax.engine import make_engine, make_stage
 from gujax.ghost.capture import capture
 from gujax.ghost.clipping import ghost_clipped_sum, ghost_dpsgd
@@ -128,33 +131,67 @@ STAGE_METHODS = ("monitor", "censor", "clip", "dpsgd")
 KERNEL_METHODS = ("dpsgd", "dpsgd_nonoise", "dpsgd_optax", "gnq_explicit", "gnq_ghost")
 MEMORY_METHODS = ("plain", "plain_batched", "monitor_explicit", "monitor", "dpsgd")
 
-PRESETS = {
-    # Compilation is most of it (~6 s a step for the transformer on 2 cores).
-    "smoke": dict(models=("mlp", "cnn", "transformer", "scatter_linear"), batch_sizes=(4,),
-                  repeats=2, blocks=2, seq_len=8, methods=STAGE_METHODS, kernels=(),
-                  memory_batch_sizes=(), widths=(), width=64, width_batch_size=4,
-                  repeats_by_model={}),
-    "default": dict(models=("mlp", "cnn", "transformer", "scatter_linear"),
-                    batch_sizes=(64, 256), repeats=4, blocks=5, seq_len=64,
-                    methods=STAGE_METHODS, kernels=("gnq_ghost", "dpsgd", "dpsgd_nonoise"),
-                    memory_batch_sizes=(), widths=(), width=512, width_batch_size=256,
-                    repeats_by_model={"mlp": 20, "scatter_linear": 20}),
-    # Compile only (no timing): peak memory and FLOPs as B grows.
-    "memory": dict(models=("mlp", "cnn", "transformer", "scatter_linear"), batch_sizes=(),
-                   repeats=1, blocks=1, seq_len=64, methods=STAGE_METHODS, kernels=(),
-                   memory_batch_sizes=(64, 128, 256, 512, 1024), widths=(), width=512,
-                   width_batch_size=256, repeats_by_model={}),
-    # The MLP's cost curves: ratio vs B at width 512, ratio vs width at B = 256.
-    "curves": dict(models=("mlp",), batch_sizes=(64, 128, 256, 512, 1024), repeats=6, blocks=4,
-                   seq_len=64, methods=STAGE_METHODS, kernels=(), memory_batch_sizes=(),
-                   widths=(512, 1024, 2048, 4096), width=512, width_batch_size=256,
-                   repeats_by_model={}),
-    # One GPU, under 10 minutes: WRN-16-4 on 32x32x3 and a 6-layer d_model = 512
-    # transformer on 256 tokens. Not run on the development CPU.
-    "gpu": dict(models=("wrn", "transformer_big"), batch_sizes=(64, 256), repeats=5, blocks=5,
-                seq_len=256, methods=STAGE_METHODS, kernels=(), memory_batch_sizes=(),
-                widths=(), width=512, width_batch_size=256, repeats_by_model={}),
-}
+@dataclasses.dataclass(frozen=True)
+class OverheadSettings(BenchmarkSettings):
+    """What the benchmark measures (every field an option of its own)."""
+    models: tuple[str, ...] = option(("mlp", "cnn", "transformer", "scatter_linear"),
+                                     "models to measure", choices=MODELS)
+    batch_sizes: tuple[int, ...] = option((64, 256), "timed batch sizes (stage and kernel rows)")
+    methods: tuple[str, ...] = option(STAGE_METHODS, "stage methods", choices=STAGE_METHODS)
+    kernels: tuple[str, ...] = option((), "kernel rows timed beside the stage rows",
+                                      choices=KERNEL_METHODS)
+    memory_batch_sizes: tuple[int, ...] = option((), "compile-only batch sizes (memory rows)")
+    widths: tuple[int, ...] = option((), "MLP hidden widths timed at --width-batch-size")
+    width: int = option(512, "MLP hidden width elsewhere")
+    width_batch_size: int = option(256, "batch size of the width curve")
+    repeats: int = option(4, "rounds per timing block")
+    fast_repeats: int = option(0, "rounds per block for the models with short steps (mlp, "
+                                  "scatter_linear); 0: --repeats")
+    seq_len: int = option(64, "transformer sequence length")
+    blocks: int = option(5, "independent interleaved timing blocks")
+    num_examples: int = option(NUM_EXAMPLES, "the GNQ ledger's size")
+
+    def check(self) -> None:
+        for name in ("width", "width_batch_size", "repeats", "seq_len", "blocks",
+                     "num_examples"):
+            checks.positive_int(getattr(self, name), f"--{name.replace('_', '-')}")
+        checks.positive_int(self.fast_repeats, "--fast-repeats", minimum=0)
+        for name in ("batch_sizes", "memory_batch_sizes", "widths"):
+            for value in getattr(self, name):
+                checks.positive_int(value, f"--{name.replace('_', '-')}")
+        largest = max((*self.batch_sizes, *self.memory_batch_sizes, 1))
+        if self.num_examples < largest:
+            raise ValueError(f"--num-examples ({self.num_examples}) must be at least the "
+                             f"largest batch size ({largest})")
+
+    def repeats_for(self, model: str) -> int:
+        return self.fast_repeats if self.fast_repeats and model in FAST_MODELS else self.repeats
+
+
+FAST_MODELS = ("mlp", "scatter_linear")
+_SMOKE = OverheadSettings(batch_sizes=(4,), repeats=2, blocks=2, seq_len=8, width=64,
+                          width_batch_size=4,
+                          note="every stage on every model at B = 4: the structure, in "
+                               "well under a minute (compilation is most of it)")
+PRESETS = presets(
+    default=OverheadSettings(kernels=("gnq_ghost", "dpsgd", "dpsgd_nonoise"), fast_repeats=20,
+                             note="the stage table: 4 models, B in {64, 256}"),
+    smoke=_SMOKE,
+    memory=OverheadSettings(batch_sizes=(), repeats=1, blocks=1,
+                            memory_batch_sizes=(64, 128, 256, 512, 1024),
+                            note="compile only (no timing): peak memory and FLOPs as B grows"),
+    curves=OverheadSettings(models=("mlp",), batch_sizes=(64, 128, 256, 512, 1024), repeats=6,
+                            blocks=4, widths=(512, 1024, 2048, 4096),
+                            note="the MLP's cost curves: ratio vs B at width 512, ratio vs "
+                                 "width at B = 256"),
+    # One GPU, under 10 minutes: WRN-16-4 on 32x32x3 and a 6-layer d_model =
+    # 512 transformer on 256 tokens. Not run on the development CPU.
+    gpu=OverheadSettings(models=("wrn", "transformer_big"), repeats=5, seq_len=256,
+                         note="one GPU, under 10 minutes: WRN-16-4 and a 6-layer d_model 512 "
+                              "transformer on 256 tokens"),
+)
+EXPERIMENT = Experiment("overhead", __doc__, PRESETS)
+
 
 # Targets (issue 27; CNN from issue 8): stage step / plain step.
 STAGE_TARGETS = {("mlp", "monitor"): 1.3, ("mlp", "censor"): 1.4, ("mlp", "dpsgd"): 1.5,
@@ -643,62 +680,26 @@ def _plain_formatter():
 
 # ----------------------------------------------------------------------------
 
-SETTING_ARGS = ("models", "batch_sizes", "repeats", "seq_len", "blocks", "methods", "kernels",
-                "memory_batch_sizes", "widths", "width", "width_batch_size")
-
-
 def parse_settings(argv=None) -> tuple[dict, str]:
-    """(settings, out folder) from the command line: the preset, then any
-    option given explicitly (``--repeats`` also overrides per-model repeats)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    parser.add_argument("--models", nargs="+", choices=MODELS)
-    parser.add_argument("--batch-sizes", nargs="*", type=int,
-                        help="timed batch sizes (stage and kernel rows)")
-    parser.add_argument("--methods", nargs="*", choices=STAGE_METHODS,
-                        help="stage methods (default: all)")
-    parser.add_argument("--kernels", nargs="*", choices=KERNEL_METHODS,
-                        help="kernel rows timed beside the stage rows (none: --kernels)")
-    parser.add_argument("--memory-batch-sizes", nargs="*", type=int,
-                        help="compile-only batch sizes (memory rows)")
-    parser.add_argument("--widths", nargs="*", type=int,
-                        help="MLP hidden widths timed at --width-batch-size")
-    parser.add_argument("--width", type=int, help="MLP hidden width elsewhere (default 512)")
-    parser.add_argument("--width-batch-size", type=int)
-    parser.add_argument("--repeats", type=int)
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--blocks", type=int,
-                        help="independent interleaved blocks (default preset: 5)")
-    parser.add_argument("--num-examples", type=int, default=NUM_EXAMPLES,
-                        help="the GNQ ledger's size")
-    parser.add_argument("--out", default="results/overhead")
-    args = parser.parse_args(argv)
-    settings = dict(PRESETS[args.preset], preset=args.preset, num_examples=args.num_examples)
-    for name in SETTING_ARGS:
-        if getattr(args, name) is not None:
-            settings[name] = tuple(getattr(args, name)) if isinstance(
-                getattr(args, name), list) else getattr(args, name)
-    if args.repeats is not None:
-        settings["repeats_by_model"] = {}
-    sizes = (list(settings["batch_sizes"]) + list(settings["memory_batch_sizes"])
-             + list(settings["widths"]) + [settings["width"], settings["width_batch_size"]])
-    if (any(b < 1 for b in sizes) or settings["repeats"] < 1 or settings["blocks"] < 1
-            or settings["seq_len"] < 1 or settings["num_examples"] < 1):
-        raise ValueError("batch sizes, widths, --repeats, --blocks, --seq-len and "
-                         "--num-examples must be >= 1")
-    if settings["num_examples"] < max(list(settings["batch_sizes"])
-                                      + list(settings["memory_batch_sizes"]) + [1]):
-        raise ValueError("--num-examples must be at least the largest batch size")
-    return settings, args.out
+    """(settings as a dict, out folder) of a command line (``cli``'s
+    parser; a bad value raises ``cli.UsageError``)."""
+    run = cli.parse_command_line(argv or [], EXPERIMENT)
+    return dataclasses.asdict(run.settings), run.out
 
 
 def main(argv=None) -> dict:
-    settings, out = parse_settings(argv)
+    """``python -m experiments.overhead``: the command line of ``cli.main``."""
+    return cli.main(argv, EXPERIMENT, prepare=lambda run: None, execute=execute)
+
+
+def execute(run: cli.Run, prepared=None) -> dict:
+    typed, out = run.settings, run.out
+    settings = dataclasses.asdict(typed)
     load_before = os.getloadavg()
     rows, kernel_rows, memory_rows = [], [], []
 
     def timed_point(model, b, width):
-        repeats = settings["repeats_by_model"].get(model, settings["repeats"])
+        repeats = typed.repeats_for(model)
         s, k = measure(model, b, seq_len=settings["seq_len"], width=width, repeats=repeats,
                        blocks=settings["blocks"], methods=settings["methods"],
                        kernels=settings["kernels"], num_examples=settings["num_examples"])
@@ -724,12 +725,11 @@ def main(argv=None) -> dict:
                 print(f"memory {model:14s} B={b:5d} {r['method']:17s}"
                       f" {r['peak_memory_mb']:9.1f} MB (x{r['memory_ratio_to_plain']:.2f})"
                       f"  {r['flops'] / 1e9:9.3f} GFLOP (x{r['flop_ratio']:.2f})", flush=True)
-    checks = verdicts(rows)
-    print("\n".join(checks))
+    targets = verdicts(rows)
+    print("\n".join(targets))
 
-    os.makedirs(out, exist_ok=True)
     result = dict(rows=rows, kernel_rows=kernel_rows, memory_rows=memory_rows,
-                  memory_factors=memory_factors(memory_rows), targets=checks,
+                  memory_factors=memory_factors(memory_rows), targets=targets,
                   settings=settings,
                   load=dict(before=list(load_before), after=list(os.getloadavg()),
                             note="os.getloadavg(): 1, 5, 15 minute averages"),

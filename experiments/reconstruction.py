@@ -71,7 +71,7 @@ from experiments.cli import option  # noqa: E402
 from experiments.report import format_table  # noqa: E402
 from gujax.audit.reconstruction import (invert_dense_gradient, invert_gradient,  # noqa: E402
                                         match_reconstructions, psnr, ssim)
-from gujax.arms import Arm, RunSize  # noqa: E402
+from gujax.arms import Arm, RunSize, run_policy  # noqa: E402
 from gujax.grads import per_example_grads  # noqa: E402
 from gujax.transforms import policy_transformation  # noqa: E402
 from gujax.uniqueness import disclosure, gnq  # noqa: E402
@@ -169,7 +169,7 @@ def observed_gradients(grads, settings: ReconstructionSettings, gnq_scores, key_
                    batch_size=settings.batch_size, epochs=settings.epochs, seed=key_seed)
     observed, states = {}, {}
     for text, arm in defense_arms(settings, cap).items():
-        tx = policy_transformation(arm.spec.policy(arm, size))
+        tx = policy_transformation(run_policy(arm, size))
         observed[text], states[text] = tx.update(grads, tx.init(None),
                                                  example_ids=jnp.arange(b))
     return {**observed, "clip_cap_nats": cap, "num_clipped": int(states["clip"].num_clipped)}

@@ -411,6 +411,14 @@ register(ArmKind(
 # ----------------------------------------------------------------------------
 # Training an arm's runs.
 
+def run_policy(arm: Arm, size: RunSize) -> Policy:
+    """The ``Policy`` of one run of ``arm`` (its kind's, for that run's size:
+    DP-SGD's sigma calibrated for ``size``): what ``train_runs`` trains each
+    run with, and what a one-step use of an arm (a defense applied to one
+    batch, ``experiments.reconstruction``) takes."""
+    return arm.spec.policy(arm, size)
+
+
 class TrainingRun(NamedTuple):
     """One run of an arm: its training set (as ``gujax.train.train`` takes
     it: (images, labels, ids) or a dict with "id"), its seed (batches,
@@ -501,7 +509,7 @@ def train_runs(arm: Arm, runs: Sequence[TrainingRun], config, *, model=None,
             raise ValueError("train_runs needs a model (for the default loss) or a loss_fn")
         loss_fn = softmax_cross_entropy(model)
     engine = make_engine(method, loss_fn)
-    policies = [spec.policy(arm, size) for size in sizes]
+    policies = [run_policy(arm, size) for size in sizes]
     # Every per-run constant is in the state, so the first run's stage
     # serves them all (gujax.policies); each run's state is its own.
     stage = make_stage(engine, policies[0], dtype=dtype)

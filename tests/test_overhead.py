@@ -300,3 +300,19 @@ def test_split_parts_add_up_in_flops(tmp_path):
         with pytest.raises(SystemExit) as err:
             overhead_split.main(["--preset", "smoke", "--out", str(tmp_path), *argv])
         assert err.value.code == 2, argv
+
+
+def test_command_line_is_the_experiments_one(tmp_path, capsys):
+    """Typed settings through ``experiments.cli``: bad input is one line and
+    exit 2, before any folder; --help lists the presets; run.json is written."""
+    with pytest.raises(SystemExit) as info:
+        overhead.main(["--blocks", "0", "--out", str(tmp_path / "bad")])
+    assert info.value.code == 2 and "--blocks must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        overhead.main(["--help"])
+    assert "presets (--preset; default: default)" in capsys.readouterr().out
+    overhead.main(["--preset", "memory", "--models", "mlp", "--memory-batch-sizes", "4",
+                   "--out", str(tmp_path / "run")])
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["experiment"] == "overhead" and saved["settings"]["memory_batch_sizes"] == [4]
