@@ -33,18 +33,18 @@ Outputs (``--out``, default results/audit_epsilon-<preset>):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 from experiments import cli, registry
 from experiments.cli import Settings, arm_text, option
 from experiments.report import environment, finite_or_none, format_table, jsonable, write_report
+from gujax import files
 from gujax.arms import Arm
 from gujax.audit.canaries import (KINDS, CanarySet, canary_membership, insert_canaries,
                                   make_canaries, train_canary_runs)
@@ -163,7 +163,10 @@ PRESETS = cli.presets(
              "30 epochs, B 256, lr 0.01, momentum 0.9; DP-SGD clip 0.1 at sampling rate "
              "0.164, lr 1) on a 1,000-image base set; 32 mislabelled held-out canaries "
              "(1, 2, 4, 8 copies), 8 audited runs per arm and set, 4 reference runs. "
-             "Needs --data-dir with the CIFAR-10 python batches (or TFDS)."),
+             "Needs --data-dir DIR holding CIFAR-10 in any layout gujax.data.load reads: "
+             "an image folder DIR/train/<class>/<image>.png and DIR/test/... (the "
+             "README's unpacked cifar10-images.tar.gz), the CIFAR-10 python batches, or "
+             "a TFDS data dir."),
 )
 EXPERIMENT = cli.Experiment("audit_epsilon", __doc__, PRESETS, resumable=True)
 
@@ -324,7 +327,7 @@ def audit_canary_arm(arm: Arm, settings: AuditSettings, prepared: Prepared, out:
         row, scores = audit_unit(arm, settings, prepared, key, i, reference_logits)
         units.append(row)
         name = prepared.canaries[key].name
-        np.savez(os.path.join(folder, f"{name.replace(' ', '_')}.npz"), **scores)
+        files.save_npz(os.path.join(folder, f"{name.replace(' ', '_')}.npz"), **scores)
         if key[1] == 1:
             all_tests.update({f"{name}/{s}": (v, scores["in_mask"])
                               for s, v in scores.items() if s != "in_mask"})
@@ -439,18 +442,16 @@ def execute(run: cli.Run, prepared: Prepared) -> dict:
     settings, out = run.settings, run.out
     start = time.perf_counter()
     arms, units = [], []
-    for arm in tqdm(prepared.arms, desc="arms", disable=not settings.progress):
+    for arm in progress_bar(prepared.arms, desc="arms", disable=not settings.progress):
         # Each finished arm is kept (arms/<arm>.json): --resume skips it.
         done = os.path.join(out, "arms", f"{arm.slug}.json")
         if run.resume and os.path.exists(done):
-            with open(done) as f:
-                summary, arm_units = json.load(f)
+            summary, arm_units = cli.finished_arm(
+                done, f"delete {done} (that arm is then trained again)")
         else:
             summary, arm_units = audit_canary_arm(arm, settings, prepared, out)
             os.makedirs(os.path.dirname(done), exist_ok=True)
-            with open(done + ".tmp", "w") as f:
-                json.dump(jsonable([summary, arm_units]), f)
-            os.replace(done + ".tmp", done)
+            files.write_json(done, jsonable([summary, arm_units]))
         arms.append(summary)
         units.extend(arm_units)
     config = {**settings.record(), "out": out, "base_n": len(prepared.base),

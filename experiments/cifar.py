@@ -30,18 +30,18 @@ Outputs default to results/cifar10-<preset>; see ``experiments/comparison.py``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 import numpy as np
 from scipy import stats
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 from experiments import cli, comparison, harness, registry
 from experiments.comparison import ComparisonSettings
 from experiments.cli import arm_text, option
 from experiments.report import jsonable, write_csv, write_json
+from gujax import files
 from gujax.train import evaluate
 
 # Tramer & Boneh's ScatterNet + linear test accuracy on CIFAR-10 at
@@ -192,12 +192,11 @@ def full_train_check(run: cli.Run) -> list[dict]:
     train, test = registry.load_data(settings, 0, 0)
     model = registry.build_model(settings, len(train.class_names), train.images.shape[1:])
     rows = []
-    for text in tqdm(settings.check_arms, desc="full-train check",
-                     disable=not settings.progress):
+    for text in progress_bar(settings.check_arms, desc="full-train check",
+                             disable=not settings.progress):
         path = os.path.join(folder, cli.make_arm(text, settings).slug + ".json")
         if run.resume and os.path.exists(path):
-            with open(path) as f:
-                row = json.load(f)
+            row = files.read_json(path, f"delete {path} (that arm is then trained again)")
         else:
             row = _check_row(text, settings, train, test, model)
             write_json(path, row)
@@ -253,8 +252,13 @@ def execute(run: cli.Run, prepared: comparison.Prepared) -> dict:
     return results
 
 
+def _check_appendix(results: dict) -> str:
+    """What table.md has below the comparison: the check (``--replot``)."""
+    return "\n" + check_table(results["full_train"]) if results.get("full_train") else ""
+
+
 def main(argv=None):
-    return cli.main(argv, EXPERIMENT, prepare=comparison.prepare, execute=execute)
+    return comparison.main(argv, EXPERIMENT, execute=execute, appendix=_check_appendix)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,19 @@ its value in each preset. Besides the fields: ``--preset``, ``--out`` (default
 can resume) and ``--data-dir`` (the ``data_dir`` field).
 
 ``main`` is the command line of every experiment, in this order: parse and
-check the settings and arms; refuse an ``--out`` that already holds files
-unless ``--resume`` or ``--overwrite`` is given; ``prepare`` (load the data,
-build the model, check a resumed run against what ``--out`` holds); only then
-create ``--out`` (deleting the old run with ``--overwrite``) and ``execute``.
-Bad input is one line ``error: ...`` on stderr and exit status 2, never a
-traceback; Ctrl-C prints the command that resumes the run (or that the run
-was interrupted) and exits with 130.
+check the settings and arms; refuse an ``--out`` that cannot be a folder, that
+another run holds (one writer per folder: ``lock_out``, an ``fcntl.flock`` on
+``<out>/.lock`` held to the end of the process) or that already holds files
+unless ``--resume`` or ``--overwrite`` is given, and with ``--resume`` one
+whose ``run.json`` records other settings (``check_resume``: every setting
+but ``RESUME_IGNORES``); ``prepare`` (load the data, build the model, check a
+resumed run against what ``--out`` holds); only then create ``--out``
+(deleting the old run with ``--overwrite``) and ``execute``. Bad input, a
+damaged file (``gujax.files.CorruptFile``, naming it) and an unusable
+``--out`` are one line ``error: ...`` on stderr and exit status 2, never a
+traceback; output into a closed pipe (``| head``) is dropped quietly; Ctrl-C
+prints the command that resumes the run (or that the run was interrupted)
+and exits with 130.
 
 Arms are written in one syntax everywhere, ``kind[:key=value,...]``
 (``gujax.arms.parse_arm``): ``sgd``, ``dpsgd:eps=3``, ``censor:tau=8``,
@@ -63,13 +69,20 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 import jax
 from absl import logging as absl_logging
 
+try:
+    import fcntl
+except ImportError:                  # not on Windows: no lock
+    fcntl = None
+
 from experiments.registry import MODEL_FIELDS, MODELS, SCATTER_MODELS
-from gujax import checks
+from gujax import checks, files, progress
 from gujax.arms import ARM_KINDS, Arm, arm_kind, parse_arm
 from gujax.audit.shadow import ResumeMismatch
+from gujax.audit.shadow.storage import _differences as setting_differences
 from gujax.data import default_cache_dir, random_crop_flip
 from gujax.data.sources import DataNotFound, accepted_layouts
 from gujax.engine import ENGINES
+from gujax.files import CorruptFile
 from gujax.train import TrainConfig
 
 
@@ -83,15 +96,23 @@ class UsageError(ValueError):
 
 def option(default, help: str, *, choices: Sequence | None = None,
            parse: Callable[[str], Any] | None = None, cli: bool = True,
-           shown: str | None = None):
+           shown: str | None = None, needs: tuple[str, Any] | None = None,
+           choice_help: Mapping[str, str] | None = None):
     """A settings field: its default, what it is (shown by --help), and
     optionally the values it may take (``choices``, per element for a tuple)
     or a parser of one command-line value (``parse``, raising
     ``argparse.ArgumentTypeError``). ``cli=False``: not an option of its own.
     ``shown``: what --help says instead of the presets' values (None: the
-    values, a None value as "none")."""
+    values, a None value as "none").
+
+    Options that apply to some experiments only (``offered_fields``):
+    ``needs=(field, value)``: offered only where that field can take that
+    value (``--depth`` needs ``("model", "wrn")``); ``choice_help``: each
+    choice's description, --help listing those the experiment offers
+    (``Experiment.choices``)."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "parse": parse, "cli": cli, "shown": shown})
+        "help": help, "choices": choices, "parse": parse, "cli": cli, "shown": shown,
+        "needs": needs, "choice_help": choice_help})
 
 
 def arm_text(text: str) -> str:
@@ -118,16 +139,17 @@ class Settings:
                                         "DIR/{train,test}/<class>/<image>, the CIFAR python "
                                         "batches or a TFDS data dir (none: TFDS's default, "
                                         "$TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    model: str = option("mlp", "the classifier: mlp (an MLP; uses --hidden), smallcnn (a "
-                               "small CNN; --widths), wrn (WideResNet; --depth, --width), "
-                               "scatter_linear or scatter_cnn (Tramer & Boneh's models on "
-                               "--features scattering)",
-                        choices=tuple(MODELS))
-    hidden: tuple[int, ...] = option((64,), "the MLP's hidden layer widths (--model mlp)")
+    model: str = option("mlp", "the classifier", choices=tuple(MODELS), choice_help={
+        "mlp": "an MLP; uses --hidden", "smallcnn": "a small CNN; --widths",
+        "wrn": "WideResNet; --depth, --width",
+        "scatter_linear": "Tramer & Boneh's linear model on --features scattering",
+        "scatter_cnn": "their CNN on --features scattering"})
+    hidden: tuple[int, ...] = option((64,), "the MLP's hidden layer widths (--model mlp)",
+                                     needs=("model", "mlp"))
     widths: tuple[int, ...] = option((16, 32), "SmallCNN's channel widths, one per stage "
-                                               "(--model smallcnn)")
-    depth: int = option(16, "WideResNet depth, 6 n + 4 (--model wrn)")
-    width: int = option(4, "WideResNet widening factor (--model wrn)")
+                                               "(--model smallcnn)", needs=("model", "smallcnn"))
+    depth: int = option(16, "WideResNet depth, 6 n + 4 (--model wrn)", needs=("model", "wrn"))
+    width: int = option(4, "WideResNet widening factor (--model wrn)", needs=("model", "wrn"))
     epochs: int = option(30, "training epochs (DP-SGD's noise is calibrated for all of them)")
     batch_size: int = option(64, "training batch size (DP-SGD: the expected Poisson batch)")
     learning_rate: float = option(0.1, "learning rate (an arm's lr= overrides it)")
@@ -136,17 +158,20 @@ class Settings:
     momentum: float = option(0.0, "SGD momentum, in [0, 1)")
     augment: bool = option(False, "random crop and flip of the training images, inside the "
                                   "training step")
-    features: str = option("pixels", "model inputs: pixels, or scattering (ScatterNet, J = 2, "
-                                     "L = 8, of the ImageNet-normalised images; computed once "
-                                     "per split and cached; for the scatter_* models)",
-                           choices=("pixels", "scattering"))
+    features: str = option("pixels", "model inputs", choices=("pixels", "scattering"),
+                           choice_help={"pixels": "the images", "scattering": (
+                               "ScatterNet, J = 2, L = 8, of the ImageNet-normalised images; "
+                               "computed once per split and cached; for the scatter_* "
+                               "models")})
     normalisation: str = option(
-        "group", "scattering features' normalisation: group (GroupNorm in the model, free) "
-                 "or private (per-channel mean and variance of the training set with DP, "
-                 "composed into every dpsgd arm's epsilon; Tramer & Boneh's best setting)",
-        choices=("group", "private"))
+        "group", "scattering features' normalisation", choices=("group", "private"),
+        choice_help={"group": "GroupNorm in the model, free", "private": (
+            "per-channel mean and variance of the training set with DP, composed into "
+            "every dpsgd arm's epsilon; Tramer & Boneh's best setting")},
+        needs=("features", "scattering"))
     normalisation_noise: float = option(
-        8.0, "noise multiplier of the two Gaussian mechanisms of --normalisation private")
+        8.0, "noise multiplier of the two Gaussian mechanisms of --normalisation private",
+        needs=("normalisation", "private"))
     seed: int = option(0, "seeds the data subsets, initialisations, batches and noise (>= 0)")
     method: str = option("ghost", "gradient engine: ghost (gujax.ghost, no per-example "
                                   "gradients materialised) or explicit (vmap(grad)); the same "
@@ -158,7 +183,9 @@ class Settings:
                                    "clip_norm=")
     checkpoint_every: int = option(500, "trainer checkpoint every this many steps when "
                                         "training into a folder (resumable runs)")
-    progress: bool = option(True, "progress bars over the arms and the models")
+    progress: bool = option(True, "progress reports (the arms, the models, data decoding, "
+                                  "features): a bar on a terminal, else a plain line at most "
+                                  "every 10 s and when each ends (gujax.progress); off: none")
     step_progress: bool | None = option(
         None, "a bar over each training run's steps (throughput, ETA), for models trained "
               "together one bar for the group", shown="on when stderr is a terminal and "
@@ -270,6 +297,10 @@ class Experiment:
     results_name: outputs default to results/<results_name>-<preset>
       (default ``name``).
     resumable: offer --resume (keep finished work in --out).
+    choices: field -> the values of its ``choices`` this experiment offers
+      (digits: no WideResNet, no scattering); an option left with one value,
+      or that ``needs`` a value no longer offered, is not an option here
+      (``offered_fields``).
     """
     name: str
     description: str
@@ -277,6 +308,7 @@ class Experiment:
     default_preset: str = "default"
     results_name: str | None = None
     resumable: bool = False
+    choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.default_preset not in self.presets:
@@ -284,6 +316,13 @@ class Experiment:
                              f"{sorted(self.presets)}")
         if len({type(p) for p in self.presets.values()}) != 1:
             raise ValueError("every preset of an experiment must be of one Settings class")
+        for name, offered in self.choices.items():
+            for preset, settings in self.presets.items():
+                values = getattr(settings, name)
+                if any(v not in offered for v in (values if isinstance(values, tuple)
+                                                  else (values,))):
+                    raise ValueError(f"preset {preset}'s {name} {values!r} is not among the "
+                                     f"offered choices {offered}")
 
     @property
     def settings_class(self) -> type[Settings]:
@@ -320,27 +359,54 @@ def _parse_bool(text: str) -> bool:
 
 
 class _Flag(argparse.Action):
-    """A boolean option: ``--name``, ``--no-name`` or ``--name true|false``."""
+    """A boolean option, a switch: ``--name`` (on) or ``--no-name`` (off),
+    shown so by --help. ``--name true|false`` (and ``--name=false``) is read
+    too (``_switch_values``), so older command lines still work."""
 
     def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs="?", metavar="true|false", **kwargs)
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if option_string.startswith("--no-"):
-            if values is not None:
-                parser.error(f"{option_string} takes no value")
-            value = False
-        else:
-            try:
-                value = True if values is None else _parse_bool(values)
-            except argparse.ArgumentTypeError as err:
-                parser.error(f"argument {option_string}: {err}")
-        setattr(namespace, self.dest, value)
+        setattr(namespace, self.dest, not option_string.startswith("--no-"))
+
+    def format_usage(self):
+        return " | ".join(self.option_strings)
+
+
+def _switch_values(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``argv`` with each switch's value folded into the switch: ``--augment
+    false`` and ``--augment=false`` -> ``--no-augment``, ``--augment true``
+    -> ``--augment``. A switch takes nothing else (there are no positional
+    arguments): ``--augment maybe`` is an error."""
+    switches = {s for a in parser._actions if isinstance(a, _Flag) for s in a.option_strings}
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.partition("=")
+        if name not in switches or arg == "--":
+            out.append(arg)
+            if arg == "--":
+                out += rest
+                break
+            continue
+        if not eq and rest and not rest[0].startswith("-"):
+            value, eq = rest.pop(0), "="
+        if not eq:
+            out.append(name)
+            continue
+        if name.startswith("--no-"):
+            parser.error(f"argument {name}: takes no value (got {value!r})")
+        try:
+            on = _parse_bool(value)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"argument {name}: {err}")
+        out.append(name if on else "--no-" + name[2:])
+    return out
 
 
 def _shown(value) -> str:
     if isinstance(value, tuple):
-        return " ".join(map(str, value))
+        return " ".join(map(str, value)) or "none"
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -354,12 +420,57 @@ def _option_fields(cls: type[Settings]) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
 
 
+def _choices(field: dataclasses.Field, experiment: Experiment) -> tuple | None:
+    """The values of ``field`` this experiment offers (None: any)."""
+    choices = field.metadata.get("choices")
+    if choices is None:
+        return None
+    return tuple(experiment.choices.get(field.name, choices))
+
+
+def offered_fields(experiment: Experiment) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type) of the options this experiment offers: every
+    command-line field but one restricted to a single value
+    (``Experiment.choices``) or one that ``needs`` a value its field cannot
+    take here (digits: no ``--depth``, which needs ``--model wrn``)."""
+    fields = _option_fields(experiment.settings_class)
+    by_name = {f.name: f for f, _ in fields}
+    memo: dict[str, bool] = {}
+
+    def possible(name: str) -> set:
+        field = by_name.get(name)
+        if field is not None and offers(name):
+            choices = _choices(field, experiment)
+            if choices is not None:
+                return set(choices)
+        values = set()
+        for preset in experiment.presets.values():     # fixed here: the presets' values
+            value = getattr(preset, name)
+            values |= set(value) if isinstance(value, tuple) else {value}
+        return values
+
+    def offers(name: str) -> bool:
+        if name not in memo:
+            field = by_name[name]
+            needs, choices = field.metadata.get("needs"), _choices(field, experiment)
+            memo[name] = ((needs is None or needs[1] in possible(needs[0]))
+                          and (choices is None or len(choices) > 1))
+        return memo[name]
+
+    return [(f, hint) for f, hint in fields if offers(f.name)]
+
+
 def _field_help(field: dataclasses.Field, experiment: Experiment) -> str:
-    """The field's description, its valid values and its default (and how
-    the other presets differ)."""
+    """The field's description, its valid values (those the experiment
+    offers, each described where ``choice_help`` says) and its default (and
+    how the other presets differ)."""
     text = field.metadata["help"]
-    if field.metadata["choices"]:
-        text += f"; one of {', '.join(map(str, field.metadata['choices']))}"
+    choices = _choices(field, experiment)
+    described = field.metadata.get("choice_help") or {}
+    if choices:
+        text += ", one of " if described else "; one of "
+        text += ", ".join(f"{c} ({described[c]})" if c in described else str(c)
+                          for c in choices)
     if field.metadata["shown"]:
         return f"{text} (default: {field.metadata['shown']})"
     default = getattr(experiment.presets[experiment.default_preset], field.name)
@@ -379,7 +490,7 @@ def _epilog(experiment: Experiment) -> str:
     for name, preset in experiment.presets.items():
         default = " (the default)" if name == experiment.default_preset else ""
         lines.append(_paragraph(f"{name}{default}: {preset.note or 'no description'}"))
-    fields = {f.name for f, _ in _option_fields(experiment.settings_class)}
+    fields = {f.name for f, _ in offered_fields(experiment)}
     if "arms" in fields:
         lines += ["", "arms (--arms, one or more): kind[:key=value,...], for example"]
         for kind in ARM_KINDS.values():
@@ -397,6 +508,12 @@ def _epilog(experiment: Experiment) -> str:
                                 "dpsgd:eps=1,delta=1e-6 or censor:tau=4,reg=0.3,lr=0.05."))
     for note in experiment.settings_class.NOTES:
         lines += ["", textwrap.fill(note, 79)]
+    switches = [f.name.replace("_", "-") for f, hint in offered_fields(experiment)
+                if _bool_hint(hint)]
+    if switches:
+        lines += ["", textwrap.fill(
+            f"Switches: --{switches[0]} turns it on, --no-{switches[0]} off (--{switches[0]} "
+            "true|false is read too).", 79)]
     out = experiment.results_name or experiment.name
     lines += ["", textwrap.fill(
         f"Output: --out (default results/{out}-<preset>). A folder that already holds "
@@ -427,20 +544,30 @@ def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
         replace.add_argument("--resume", action="store_true",
                              help="continue the run in --out, keeping its finished work "
                                   "(default: off)")
-    for field, hint in _option_fields(experiment.settings_class):
+    for field, hint in offered_fields(experiment):
         kwargs = dict(dest=field.name, default=None,
                       help=_field_help(field, experiment).replace("%", "%%"))
         flag = "--" + field.name.replace("_", "-")
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
-            hint = next(t for t in typing.get_args(hint) if t is not type(None))
-        if hint is bool:
+        if _bool_hint(hint):
             parser.add_argument(flag, "--no-" + flag[2:], action=_Flag, **kwargs)
             continue
+        hint = _optional_inner(hint)
         if typing.get_origin(hint) is tuple:
             hint, kwargs["nargs"] = typing.get_args(hint)[0], "+"
         parser.add_argument(flag, type=field.metadata["parse"] or hint,
-                            choices=field.metadata["choices"], **kwargs)
+                            choices=_choices(field, experiment), **kwargs)
     return parser
+
+
+def _optional_inner(hint):
+    """X for ``X | None``, else ``hint``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(t for t in typing.get_args(hint) if t is not type(None))
+    return hint
+
+
+def _bool_hint(hint) -> bool:
+    return _optional_inner(hint) is bool
 
 
 def parse_command_line(argv, experiment: Experiment) -> Run:
@@ -448,11 +575,12 @@ def parse_command_line(argv, experiment: Experiment) -> Run:
     (``Settings.check``): a bad value raises ``UsageError``, before any
     compute."""
     argv = tuple(sys.argv[1:] if argv is None else argv)
-    args = build_parser(experiment).parse_args(argv)
+    parser = build_parser(experiment)
+    args = parser.parse_args(_switch_values(argv, parser))
     # dp_accounting's RDP search logs a warning per skipped order; say nothing.
     absl_logging.set_verbosity(absl_logging.ERROR)
     changes = {}
-    for field, hint in _option_fields(experiment.settings_class):
+    for field, hint in offered_fields(experiment):
         value = getattr(args, field.name)
         if value is not None:
             changes[field.name] = tuple(value) if typing.get_origin(hint) is tuple else value
@@ -461,6 +589,9 @@ def parse_command_line(argv, experiment: Experiment) -> Run:
         settings.check()
     except ValueError as err:
         raise UsageError(str(err)) from None
+    # --progress false silences every bar, the library's (data decoding,
+    # scattering) included; plain lines or a bar is gujax.progress's choice.
+    progress.set_enabled(getattr(settings, "progress", True))
     out = args.out or os.path.join(
         "results", f"{experiment.results_name or experiment.name}-{args.preset}")
     return Run(settings, out, bool(getattr(args, "resume", False)), args.overwrite, argv)
@@ -473,21 +604,124 @@ def parse_command_line(argv, experiment: Experiment) -> Run:
 # open_out writes, or what the experiments wrote before there was one.
 RUN_FILE = "run.json"
 _RUN_MARKS = (RUN_FILE, "results.json", "summary.txt", "shadow")
+# The lock of a run's folder (one writer per --out): held, with fcntl.flock,
+# from check_out (or open_out, for a folder it creates) to the end of main,
+# and released by the system if the process dies, so a killed run never
+# leaves a stale lock. The file itself stays; it does not make a folder used.
+LOCK_FILE = ".lock"
+# Settings that change how a run is shown or scheduled, never its results: a
+# resumed run may change them; any other setting in run.json must match.
+RESUME_IGNORES = frozenset({"progress", "step_progress", "note", "checkpoint_every",
+                            "models_at_once"})
+
+_locks: dict[str, int] = {}          # realpath of an --out -> the fd holding its lock
+
+
+def _entries(out: str) -> list[str]:
+    return [name for name in os.listdir(out) if name != LOCK_FILE]
+
+
+def _check_creatable(out: str) -> None:
+    """``UsageError`` if ``out`` cannot be a folder: it or one of its
+    parents is a file, or the nearest existing parent is not writable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a folder")
+    parent = os.path.abspath(out)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out} cannot be created: {parent} is a file, not a folder")
+    if not os.path.isdir(out) and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out} cannot be created: no permission to write in {parent}")
+
+
+def lock_out(out: str) -> None:
+    """Take ``out``'s lock (``LOCK_FILE``, held until ``unlock_out`` or the
+    process ends) or raise ``UsageError`` naming the run that holds it."""
+    key = os.path.realpath(out)
+    if key in _locks or fcntl is None:
+        return
+    path = os.path.join(out, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UsageError(f"--out {out} cannot be used: {err.strerror} ({path})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"another run (process {holder})" if holder.isdigit() else "another run"
+        raise UsageError(f"--out {out} is in use: {who} is writing to it; wait for it to "
+                         "end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _locks[key] = fd
+
+
+def unlock_out(out: str) -> None:
+    """Release ``out``'s lock if this process holds it."""
+    fd = _locks.pop(os.path.realpath(out), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _resume_record(record: dict) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(record)).items() if k not in RESUME_IGNORES}
+
+
+def finished_arm(path: str, remedy: str) -> tuple[dict, list[dict]]:
+    """(summary, units) of an arm a resumed run keeps, as ``arms/<arm>.json``
+    holds them; ``files.CorruptFile`` naming ``remedy`` (what deleting the
+    file redoes) if it is damaged."""
+    saved = files.read_json(path, remedy)
+    if not (isinstance(saved, list) and len(saved) == 2 and isinstance(saved[0], dict)
+            and isinstance(saved[1], list)):
+        raise files.CorruptFile(path, "not an arm's [summary, units]", remedy)
+    return saved[0], saved[1]
+
+
+def check_resume(run: Run, experiment: Experiment) -> None:
+    """``ResumeMismatch`` naming every setting that differs ("config.epochs
+    (saved 3, now 4)") between the run in ``run.out`` (its ``run.json``) and
+    this one, but those in ``RESUME_IGNORES``; ``CorruptFile`` if run.json
+    cannot be read. Nothing to check in a folder without run.json."""
+    path = os.path.join(run.out, RUN_FILE)
+    if not os.path.exists(path):
+        return
+    remedy = "it records the run's settings: pass --overwrite to start the run over"
+    saved = files.read_json(path, remedy)
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        raise CorruptFile(path, "it holds no settings record", remedy)
+    changes = setting_differences(
+        {"experiment": saved.get("experiment"), "config": _resume_record(saved["settings"])},
+        {"experiment": experiment.name, "config": _resume_record(run.settings.record())})
+    if changes:
+        raise ResumeMismatch(run.out, changes)
 
 
 def check_out(run: Run, experiment: Experiment) -> None:
-    """Refuse an ``--out`` that holds files unless --resume or --overwrite
-    says what to do with them (``UsageError``); --overwrite deletes only a
-    run's folder."""
+    """Refuse an ``--out`` that cannot be a folder, that another run holds
+    (``lock_out``) or that holds files unless --resume or --overwrite says
+    what to do with them (``UsageError``); --overwrite deletes only a run's
+    folder, --resume only continues a run of the same settings
+    (``check_resume``). An existing folder is locked from here on."""
     out = run.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if not os.path.isdir(out) or not os.listdir(out) or run.resume:
+    _check_creatable(out)
+    if not os.path.isdir(out):
+        return
+    if not _entries(out):
+        lock_out(out)
+        return
+    if run.resume:
+        lock_out(out)
+        check_resume(run, experiment)
         return
     if run.overwrite:
         if not any(os.path.exists(os.path.join(out, m)) for m in _RUN_MARKS):
             raise UsageError(f"--out {out} holds files that are not an experiment's run (no "
                              f"{RUN_FILE}); refusing to delete them: choose another --out")
+        lock_out(out)
         return
     choices = ("--resume to continue the run in it or --overwrite to replace it"
                if experiment.resumable else "--overwrite to replace what it holds (this "
@@ -496,17 +730,28 @@ def check_out(run: Run, experiment: Experiment) -> None:
 
 
 def open_out(run: Run, experiment: Experiment) -> None:
-    """Create ``run.out`` (deleting the old run first with --overwrite),
-    mark it as a run's folder (``run.json``: the experiment, the command,
-    the settings) and persist compiled steps under the gujax cache: every
-    model of an arm has the same step (same shapes), so only the first pays
-    for compilation."""
-    if run.overwrite and os.path.isdir(run.out):
-        shutil.rmtree(run.out)
-    os.makedirs(run.out, exist_ok=True)
-    with open(os.path.join(run.out, RUN_FILE), "w") as f:
-        json.dump({"experiment": experiment.name, "command": _command(experiment, run.argv),
-                   "settings": run.settings.record()}, f, indent=1)
+    """Create ``run.out`` and take its lock (deleting the old run first with
+    --overwrite), mark it as a run's folder (``run.json``: the experiment,
+    the command, the settings) and persist compiled steps under the gujax
+    cache: every model of an arm has the same step (same shapes), so only
+    the first pays for compilation."""
+    try:
+        os.makedirs(run.out, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {run.out} cannot be created: {err.strerror}"
+                         + (f" ({err.filename})" if err.filename else "")) from None
+    lock_out(run.out)
+    if not (run.resume or run.overwrite) and _entries(run.out):
+        # Filled since check_out, by a run that has ended since.
+        check_out(run, experiment)
+    if run.overwrite:
+        for name in _entries(run.out):
+            path = os.path.join(run.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) \
+                else os.remove(path)
+    files.write_json(os.path.join(run.out, RUN_FILE),
+                     {"experiment": experiment.name, "command": _command(experiment, run.argv),
+                      "settings": run.settings.record()}, indent=1)
     enable_compilation_cache(os.path.join(default_cache_dir(), "jax"))
 
 
@@ -532,6 +777,10 @@ def user_message(err: Exception) -> str:
     if isinstance(err, ResumeMismatch):
         return (f"{err.workdir} holds a run with other settings: {', '.join(err.changes)}; "
                 "give the same settings to resume it, or --overwrite to start over")
+    if isinstance(err, CorruptFile):
+        text = str(err)
+        return text if "--overwrite" in text else (
+            f"{text}; then run again with --resume, or start over with --overwrite")
     return str(err)
 
 
@@ -547,13 +796,17 @@ def main(argv, experiment: Experiment, *, prepare: Callable[[Run], Any],
     (data, model, arms; a ``ValueError`` there is bad input), create the
     output folder (``open_out``) and return ``execute(run, prepared)``.
 
-    Bad input (bad option values, arms, data not found, a resume mismatch):
-    one line ``error: ...`` on stderr and ``SystemExit(2)``. Ctrl-C: one line
+    Bad input (bad option values, arms, data not found, a resume mismatch,
+    a damaged file, an unusable or locked ``--out``): one line ``error: ...``
+    on stderr and ``SystemExit(2)``. The folder's lock is released on the
+    way out, however ``main`` ends. Ctrl-C: one line
     saying how to resume and ``SystemExit(130)``. Anything else is a bug and
     shows its traceback.
     """
     argv = tuple(sys.argv[1:] if argv is None else argv)
-    opened = False
+    opened, run = False, None
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _PipeGuard(sys.stdout), _PipeGuard(sys.stderr)
     try:
         run = parse_command_line(argv, experiment)
         check_out(run, experiment)
@@ -564,7 +817,7 @@ def main(argv, experiment: Experiment, *, prepare: Callable[[Run], Any],
         open_out(run, experiment)
         opened = True
         return execute(run, prepared)
-    except (UsageError, ResumeMismatch, DataNotFound) as err:
+    except (UsageError, ResumeMismatch, DataNotFound, CorruptFile) as err:
         _fail(f"error: {user_message(err)}", 2)
     except KeyboardInterrupt:
         if experiment.resumable:
@@ -573,16 +826,59 @@ def main(argv, experiment: Experiment, *, prepare: Callable[[Run], Any],
         where = f"what it wrote in {run.out} is incomplete; run it again with --overwrite" \
             if opened else "nothing was written"
         _fail(f"interrupted ({experiment.name} cannot resume): {where}", 130)
+    finally:
+        if run is not None:
+            unlock_out(run.out)
+        for guard in (sys.stdout, sys.stderr):
+            if isinstance(guard, _PipeGuard):
+                guard.flush()
+        sys.stdout, sys.stderr = streams
+
+
+class _PipeGuard:
+    """A text stream (stdout, stderr) that goes quiet once its reader has
+    gone (``... | head``): the run goes on and ends normally, its output
+    dropped (the descriptor then points to os.devnull), no BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream, self._gone = stream, False
+
+    def write(self, text):
+        if not self._gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._silence()
+        return len(text)
+
+    def flush(self):
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._silence()
+
+    def _silence(self):
+        self._gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 # ----------------------------------------------------------------------------
 # Arms.
 
-class Thresholds(NamedTuple):
-    """Budgets for the censor/clip arms that set none (nats), by
-    ``gujax.arms.Option.threshold`` name."""
-    budget: float    # censor: per-example total D_j
-    max_step: float  # clip: per-step d_j
+# Budgets for the censor/clip arms that set none (nats), by
+# ``gujax.arms.Option.threshold`` name: budget (censor, per-example total D_j)
+# and max_step (clip, per-step d_j); ``gujax.transforms.propose_thresholds``
+# proposes them from a monitor run's ledger.
+from gujax.transforms import Thresholds  # noqa: E402  (re-exported)
 
 
 def arm_kind_of(text: str) -> str:

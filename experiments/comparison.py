@@ -34,26 +34,28 @@ them with each preset's value. Outputs go to ``--out`` (default
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+import sys
 import time
 import types
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from experiments import cli, harness, registry
 from experiments.cli import Settings, arm_text, option
 from experiments.report import (environment, finite_or_none, format_interval, format_table,
                                 write_report)
+from gujax import files
 from gujax.arms import ARM_KINDS, Arm
 from gujax.audit.intervals import attack_intervals, compare, interval_order, mean_interval
-from gujax.audit.plots import TradeoffPoint, plot_disclosure_vs_attack, plot_roc, plot_tradeoff
+from gujax.audit.attacks import MembershipScores
+from gujax.audit.plots import TradeoffPoint, plot_disclosure_grid, plot_roc, plot_tradeoff
 from gujax.audit.shadow import (AUGMENTATIONS, ShadowAudit, ShadowRecord,
                                 mean_over_members)
 from gujax.data import Dataset
+from gujax.progress import progress_bar
 
 # The figures with a 95% interval beside them, under "<key>_ci" ([lo, hi]).
 INTERVAL_KEYS = ("test_accuracy", "train_accuracy", "mia_auc", "mia_tpr_at_0.1pct_fpr",
@@ -94,7 +96,10 @@ class ComparisonSettings(Settings):
               "shadow models and, independently, the examples: gujax.audit.intervals)")
 
     NOTES = ("Sizes: --pool-size 0 takes the whole train split as the membership pool, "
-             "--population-size 0 the whole test split; a size beyond the split is an error.",)
+             "--population-size 0 the whole test split; a size beyond the split is an error.",
+             "Rebuilding a report: --replot DIR (alone) rewrites table.md and the figures of "
+             "the finished run in DIR from its results.json (roc.png and gnq_vs_attack.png "
+             "also need its per_example/ files), training nothing.")
 
     def check(self) -> None:
         super().check()
@@ -225,9 +230,10 @@ def _with_intervals(row: dict) -> dict:
 
 
 def markdown_table(rows: list[dict], settings: ComparisonSettings, pool_n: int,
-                   population_n: int) -> str:
+                   population_n: int, *, details: bool = True) -> str:
     """The headline table, with the run's settings above it and the verdicts
-    read from its intervals (``verdict_text``) below it."""
+    read from its intervals (``verdict_text``; ``details``: with the orders
+    behind each pair, as table.md has them) below it."""
     lines = settings.heading(f"{settings.dataset} / {settings.preset}")
     lines += [f"{settings.num_models} shadow models per arm, model {settings.model}, "
               f"{settings.epochs} epochs, batch {settings.batch_size}, pool "
@@ -240,7 +246,7 @@ def markdown_table(rows: list[dict], settings: ComparisonSettings, pool_n: int,
     table = format_table([_with_intervals(r) for r in rows],
                          [(h, k, "{}" if any(f"{k}_ci" in r for r in rows) else f)
                           for h, k, f in TABLE_COLUMNS], markdown=True)
-    return "\n".join(lines + [table, "", verdict_text(rows)]) + "\n"
+    return "\n".join(lines + [table, "", verdict_text(rows, details=details)]) + "\n"
 
 
 # ----------------------------------------------------------------------------
@@ -294,55 +300,77 @@ def verdicts(rows: list[dict]) -> dict:
     return {"pairs": pairs, "arms": arms, "versus_sgd": versus_sgd}
 
 
-_ORDER_WORDS = {1: "higher", 0: "not distinguishable", -1: "lower"}
+_ORDER_SIGNS = {1: "+", 0: "=", -1: "-"}
+_SGD_WORDS = {1: "above", 0: "overlaps", -1: "below", None: "-"}
+# The short word of each verdict in the compact table.
+_SHORT = {"better": "better", "worse": "worse", "not distinguishable": "same",
+          "trade-off": "trade-off", "no DP-SGD arm": "-"}
 
 
-def _shown(row: dict, key: str) -> str:
-    return format_interval(row[key], row[f"{key}_ci"], "{:.3f}")
+def _claim_groups(found: dict, key: str) -> dict[str, list[str]]:
+    summary = {arm: v[key] for arm, v in found["arms"].items()}
+    below_sgd = {arm: v[key] == -1 for arm, v in found["versus_sgd"].items()}
+    return {
+        "supported (better than a DP-SGD arm, beaten by none, less attackable than SGD)":
+            [a for a, v in summary.items() if v == "better" and below_sgd[a]],
+        "better than a DP-SGD arm but not distinguishable from SGD either":
+            [a for a, v in summary.items() if v == "better" and not below_sgd[a]],
+        "worse (beaten by a DP-SGD arm)": [a for a, v in summary.items() if v == "worse"],
+        "not distinguishable": [a for a, v in summary.items() if v == "not distinguishable"],
+        "trade-off only": [a for a, v in summary.items() if v == "trade-off"]}
 
 
-def verdict_text(rows: list[dict]) -> str:
-    """Markdown: per attack of ``VERDICT_ATTACKS``, the paper's claim (the
-    GNQ defense gives privacy comparable to DP-SGD with better accuracy)
-    against the intervals, each GNQ arm's summary and its pairs (``verdicts``)."""
+def verdict_text(rows: list[dict], *, details: bool = True) -> str:
+    """Markdown: the GNQ arms against DP-SGD (``verdicts``), once, compactly:
+    one table row per GNQ arm (its verdict by each attack of
+    ``VERDICT_ATTACKS``, one short word per DP-SGD arm and attack, its
+    attack interval against SGD's), the paper's claim (the GNQ defense gives
+    privacy comparable to DP-SGD with better accuracy) per attack in one
+    line, and with ``details`` the orders behind each pair, one line per
+    arm (the intervals themselves are in the headline table)."""
     found = verdicts(rows)
     if not found["arms"] or not any(r.get("kind") == "dpsgd" for r in rows):
         return "No verdict: the run needs a GNQ arm (censor, clip) and a DP-SGD arm."
-    by_name = {r["arm"]: r for r in rows}
+    dpsgd = [r["arm"] for r in rows if r.get("kind") == "dpsgd"]
+    shorts = [short for _, _, short in VERDICT_ATTACKS]
+    by_pair = {(p["arm"], p["against"], p["attack"]): p for p in found["pairs"]}
     lines = [f"## The GNQ arms against DP-SGD ({CONFIDENCE:.0%} intervals)", "",
-             "*better*: ahead (higher accuracy or lower attack success, intervals apart) on "
-             "one axis and not behind on the other; *not distinguishable*: both pairs of "
-             "intervals overlap; *trade-off*: ahead on one axis, behind on the other. An "
-             "arm is *worse* if some DP-SGD arm beats it, else *better* if it beats one.", ""]
-    for key, name, short in VERDICT_ATTACKS:
-        summary = {arm: v[key] for arm, v in found["arms"].items()}
-        below_sgd = {arm: v[key] == -1 for arm, v in found["versus_sgd"].items()}
-        groups = {
-            "supported (better than a DP-SGD arm, beaten by none, less attackable than SGD)":
-                [a for a, v in summary.items() if v == "better" and below_sgd[a]],
-            "better than a DP-SGD arm but not distinguishable from SGD either":
-                [a for a, v in summary.items() if v == "better" and not below_sgd[a]],
-            "worse (beaten by a DP-SGD arm)": [a for a, v in summary.items() if v == "worse"],
-            "not distinguishable": [a for a, v in summary.items()
-                                    if v == "not distinguishable"],
-            "trade-off only": [a for a, v in summary.items() if v == "trade-off"]}
+             "Each cell reads " + " / ".join(shorts) + ". *better*: ahead (higher accuracy "
+             "or lower attack success, intervals apart) on one axis and not behind on the "
+             "other; *worse*: the reverse; *same*: both pairs of intervals overlap; "
+             "*trade-off*: ahead on one axis, behind on the other. An arm is *worse* if some "
+             "DP-SGD arm beats it, else *better* if it beats one, else *same* if it matches "
+             "one. vs sgd: its attack interval below, overlapping or above SGD's.", ""]
+    header = ["arm", "verdict"] + [f"vs {name}" for name in dpsgd] + ["vs sgd"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, summary in found["arms"].items():
+        cells = [arm, " / ".join(f"**{_SHORT[summary[key]]}**" for key, _, _ in VERDICT_ATTACKS)]
+        cells += [" / ".join(_SHORT[by_pair[(arm, other, key)]["verdict"]]
+                             for key, _, _ in VERDICT_ATTACKS) for other in dpsgd]
+        cells.append(" / ".join(_SGD_WORDS[found["versus_sgd"][arm][key]]
+                                for key, _, _ in VERDICT_ATTACKS))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for key, name, _ in VERDICT_ATTACKS:
+        groups = _claim_groups(found, key)
         lines.append(f"**The claim, by {name}**: " + "; ".join(
             f"{group}: {', '.join(members)}" for group, members in groups.items() if members)
             + ".")
         lines.append("")
-        for arm, word in summary.items():
-            row = by_name[arm]
+    if details:
+        lines += ["### The pairs in detail", "",
+                  "The orders behind each cell above: the GNQ arm's interval against the "
+                  "DP-SGD arm's, + above, = overlapping, - below (test accuracy, then each "
+                  "attack); the intervals are in the table at the top.", ""]
+        for arm in found["arms"]:
             parts = []
-            for p in (p for p in found["pairs"] if p["arm"] == arm and p["attack"] == key):
-                other = by_name[p["against"]]
-                parts.append(f"{p['verdict']} vs {p['against']} (its test acc "
-                             f"{_shown(other, 'test_accuracy')}: ours "
-                             f"{_ORDER_WORDS[p['accuracy']]}; its {short} "
-                             f"{_shown(other, key)}: ours {_ORDER_WORDS[p['attack_order']]})")
-            sgd_note = {1: ", above SGD's", 0: ", not distinguishable from SGD's",
-                        -1: ", below SGD's"}.get(found["versus_sgd"][arm][key], "")
-            lines.append(f"- {arm} (test acc {_shown(row, 'test_accuracy')}, {short} "
-                         f"{_shown(row, key)}{sgd_note}): **{word}**; " + "; ".join(parts))
+            for other in dpsgd:
+                first = by_pair[(arm, other, VERDICT_ATTACKS[0][0])]
+                orders = [f"acc {_ORDER_SIGNS[first['accuracy']]}"] + [
+                    f"{short} {_ORDER_SIGNS[by_pair[(arm, other, key)]['attack_order']]}"
+                    for key, _, short in VERDICT_ATTACKS]
+                parts.append(f"vs {other}: {', '.join(orders)}")
+            lines.append(f"- {arm}: " + "; ".join(parts))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -389,32 +417,48 @@ def plot_privacy_utility(rows: list[dict], path: str, *, title: str = "") -> Non
     fig.savefig(path, dpi=150)
 
 
-def plot_disclosure_grid(audits: dict[str, ShadowAudit], path: str) -> None:
-    cols = min(4, len(audits))
-    rows = math.ceil(len(audits) / cols)
-    fig = Figure(figsize=(3.6 * cols, 3.2 * rows))
-    for i, (name, audit) in enumerate(audits.items()):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        try:
-            plot_disclosure_vs_attack(audit.disclosure, audit.vulnerability, ax=ax,
-                                      ylabel="mean LiRA score as member")
-            ax.set_title(f"{name}\n{ax.get_title()}", fontsize=8)
-        except ValueError as err:  # too few examples with finite values
-            ax.set_title(f"{name}\n{err}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def write_figures(out: str, rows: list[dict], config: dict,
+                  per_example: dict[str, dict] | None = None) -> list[str]:
+    """The run's figures in ``out``: privacy_utility.png from the rows and,
+    given each arm's per-example arrays (arm name -> the arrays of
+    ``save_per_example``), roc.png (LiRA online pooled over the targets,
+    with each arm's TPR interval at 0.1% and 1% FPR) and gnq_vs_attack.png
+    (one disclosure axis for every arm). Returns the files written."""
+    written = [os.path.join(out, "privacy_utility.png")]
+    plot_privacy_utility(rows, written[0], title=(
+        f"{config['dataset']} / {config['preset']}: privacy and utility "
+        f"({config['num_models']} shadow models per arm, {CONFIDENCE:.0%} bootstrap intervals)"))
+    if per_example:
+        levels = {0.001: "mia_tpr_at_0.1pct_fpr_ci", 0.01: "mia_tpr_at_1pct_fpr_ci"}
+        by_name = {r["arm"]: r for r in rows}
+        scores = {name: MembershipScores(np.asarray(a["lira_scores"], np.float64).ravel(),
+                                         np.asarray(a["in_mask"], bool).ravel())
+                  for name, a in per_example.items()}
+        intervals = {name: {level: by_name[name][key] for level, key in levels.items()
+                            if by_name.get(name, {}).get(key) is not None}
+                     for name in per_example}
+        written.append(os.path.join(out, "roc.png"))
+        plot_roc(scores, path=written[-1], intervals=intervals,
+                 title=f"LiRA online, pooled over targets ({CONFIDENCE:.0%} intervals at "
+                       "0.1% and 1% FPR)")
+        written.append(os.path.join(out, "gnq_vs_attack.png"))
+        plot_disclosure_grid({name: (a["disclosure"], a["lira_vulnerability"])
+                              for name, a in per_example.items()}, written[-1])
+    return written
 
 
-def save_per_example(path: str, record: ShadowRecord, audit: ShadowAudit) -> None:
+def save_per_example(path: str, record: ShadowRecord, audit: ShadowAudit) -> dict:
     """Per pool example j (N,): id, label, mean D_j and mean cumulative GNQ over
     the models that trained on j, LiRA vulnerability; per (model, example)
-    (M, N): LiRA scores, membership, D, retirement."""
-    np.savez(path, ids=record.pool_ids, labels=record.pool_labels,
-             disclosure=audit.disclosure, lira_vulnerability=audit.vulnerability,
-             cumulative_gnq=mean_over_members(record.cumulative_gnq.astype(np.float64),
-                                              record.in_mask),
-             lira_scores=audit.lira_scores, in_mask=record.in_mask,
-             disclosure_per_model=record.disclosure, retired=record.retired)
+    (M, N): LiRA scores, membership, D, retirement. Returns the arrays."""
+    arrays = dict(ids=record.pool_ids, labels=record.pool_labels,
+                  disclosure=audit.disclosure, lira_vulnerability=audit.vulnerability,
+                  cumulative_gnq=mean_over_members(record.cumulative_gnq.astype(np.float64),
+                                                   record.in_mask),
+                  lira_scores=audit.lira_scores, in_mask=record.in_mask,
+                  disclosure_per_model=record.disclosure, retired=record.retired)
+    np.savez(path, **arrays)
+    return arrays
 
 
 # ----------------------------------------------------------------------------
@@ -452,9 +496,9 @@ def execute(run: cli.Run, prepared: Prepared) -> dict:
     settings, out = run.settings, run.out
     pool, population = prepared.pool, prepared.population
     os.makedirs(os.path.join(out, "per_example"), exist_ok=True)
-    rows, audits, evaluations = [], {}, {}
+    rows, per_example = [], {}
     start = time.perf_counter()
-    for arm in tqdm(prepared.arms, desc="arms", disable=not settings.progress):
+    for arm in progress_bar(prepared.arms, desc="arms", disable=not settings.progress):
         record, audit = harness.shadow_audit(
             arm, settings, pool=pool, population=population, model=prepared.model,
             num_models=settings.num_models, workdir=_shadow_dir(out, arm),
@@ -464,27 +508,75 @@ def execute(run: cli.Run, prepared: Prepared) -> dict:
         rows.append(summarize_arm(arm, record, audit,
                                   num_resamples=settings.bootstrap_resamples,
                                   seed=settings.seed))
-        audits[arm.name] = audit
-        evaluations[arm.name] = audit.evaluations["lira_online"]
-        save_per_example(os.path.join(out, "per_example", f"{arm.slug}.npz"), record, audit)
+        per_example[arm.name] = save_per_example(
+            os.path.join(out, "per_example", f"{arm.slug}.npz"), record, audit)
 
     config = {**settings.record(), "out": out, "pool_n": len(pool),
               "population_n": len(population), "num_classes": len(pool.class_names)}
     results = {"arms": rows, "config": config, "verdicts": verdicts(rows), **environment(),
                "total_wall_seconds": time.perf_counter() - start}
     write_report(out, record=results, rows=rows,
-                 table=markdown_table(rows, settings, len(pool), len(population)))
-    plot_privacy_utility(rows, os.path.join(out, "privacy_utility.png"),
-                         title=f"{settings.dataset} / {settings.preset}: privacy and utility "
-                               f"({settings.num_models} shadow models per arm, "
-                               f"{CONFIDENCE:.0%} bootstrap intervals)")
-    plot_roc(evaluations, path=os.path.join(out, "roc.png"),
-             title="LiRA online, pooled over targets")
-    plot_disclosure_grid(audits, os.path.join(out, "gnq_vs_attack.png"))
+                 table=markdown_table(rows, settings, len(pool), len(population)),
+                 printed=markdown_table(rows, settings, len(pool), len(population),
+                                        details=False))
+    write_figures(out, rows, config, per_example)
     return results
 
 
-def main(argv, experiment: cli.Experiment) -> dict:
+# ----------------------------------------------------------------------------
+# Rebuilding a finished run's report.
+
+def _settings_of(config: dict, experiment: cli.Experiment) -> ComparisonSettings:
+    """The settings a results.json "config" records (lists as tuples; the
+    fields it leaves out, such as other models' settings, from the default
+    preset)."""
+    base = experiment.presets[experiment.default_preset]
+    values = {f.name: (tuple(config[f.name]) if isinstance(config[f.name], list)
+                       else config[f.name])
+              for f in dataclasses.fields(base) if f.name in config}
+    return dataclasses.replace(base, **values)
+
+
+def replot(out: str, experiment: cli.Experiment, *,
+           appendix: Callable[[dict], str] | None = None) -> dict:
+    """Rebuild table.md and the figures of the finished run in ``out`` from
+    its results.json (and, where present, per_example/<arm>.npz: roc.png and
+    gnq_vs_attack.png), training nothing; print the compact table. For a run
+    made before the figures or tables changed, or whose per-example files
+    were not kept. ``appendix(results)``: markdown added to table.md (the
+    cifar check). Returns the results."""
+    results = files.read_json(os.path.join(out, "results.json"),
+                              "it is the run's record: run the experiment again")
+    rows, config = results["arms"], results["config"]
+    settings = _settings_of(config, experiment)
+    pool_n, population_n = config.get("pool_n", 0), config.get("population_n", 0)
+    table = markdown_table(rows, settings, pool_n, population_n)
+    extra = appendix(results) if appendix is not None else ""
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + extra)
+    per_example = {}
+    for row in rows:
+        path = os.path.join(out, row.get("per_example_file", ""))
+        if row.get("per_example_file") and os.path.exists(path):
+            per_example[row["arm"]] = files.load_npz(path, "run the experiment again")
+    if len(per_example) < len(rows):
+        per_example = None                  # roc.png needs every arm
+    written = write_figures(out, rows, config, per_example)
+    print(markdown_table(rows, settings, pool_n, population_n, details=False) + extra)
+    print(f"rebuilt in {out}: table.md, " + ", ".join(os.path.basename(p) for p in written))
+    return results
+
+
+def main(argv, experiment: cli.Experiment, *, execute: Callable = execute,
+         appendix: Callable[[dict], str] | None = None) -> dict:
     """``python -m experiments.<experiment.name>``: parse, check, run, report
-    (``cli.main``)."""
+    (``cli.main``); ``--replot DIR``: ``replot`` the run in DIR."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--replot" in args:
+        if len(args) != 2 or args[0] != "--replot":
+            cli._fail("error: --replot takes one folder and no other option (see --help)", 2)
+        try:
+            return replot(args[1], experiment, appendix=appendix)
+        except (OSError, files.CorruptFile, KeyError) as err:
+            cli._fail(f"error: cannot rebuild {args[1]}: {err}", 2)
     return cli.main(argv, experiment, prepare=prepare, execute=execute)

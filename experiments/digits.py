@@ -41,7 +41,11 @@ PRESETS = cli.presets(
         arms=("sgd", "dpsgd:eps=1", "censor:tau=8", "clip:max_step=0.1"),
         note="Smoke preset: 4 shadow models, 3 epochs; a plumbing check, not a measurement."),
 )
-EXPERIMENT = cli.Experiment("digits", __doc__, PRESETS, resumable=True)
+# 8x8 images: an MLP or a small CNN on the pixels (no WideResNet, no
+# scattering, so --help offers no --depth, --width, --features or
+# --normalisation).
+EXPERIMENT = cli.Experiment("digits", __doc__, PRESETS, resumable=True,
+                            choices={"model": ("mlp", "smallcnn"), "features": ("pixels",)})
 
 
 def main(argv=None):

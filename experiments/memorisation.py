@@ -33,13 +33,14 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 from scipy import stats
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 import gujax.data as gd
 from experiments import cli, harness, registry
 from experiments.cli import Settings, Thresholds, arm_text, option
 from experiments.report import environment, write_report
 from gujax.arms import dp_calibration
+from gujax.transforms import propose_thresholds
 from gujax.train import softmax_cross_entropy
 
 
@@ -107,12 +108,10 @@ def load_subsets(settings: MemorisationSettings) -> tuple[gd.Dataset, gd.Dataset
 
 def gnq_thresholds(book, settings: ArmSettings) -> Thresholds:
     """Quantiles of the plain run's D_j and of D_j / steps_used_j (over the
-    examples the run used at least once); ``book`` is its ledger."""
-    used = np.asarray(book.steps_used)
-    total = np.asarray(book.disclosure)[used > 0]
-    per_step = total / used[used > 0]
-    return Thresholds(float(np.quantile(total, settings.censor_quantile)),
-                      float(np.quantile(per_step, settings.clip_quantile)))
+    examples the run used at least once; ``gujax.transforms.propose_thresholds``);
+    ``book`` is its ledger."""
+    return propose_thresholds(book, censor_quantile=settings.censor_quantile,
+                              clip_quantile=settings.clip_quantile)
 
 
 def run_arms(settings: ArmSettings, audit: Callable, model, images: np.ndarray,
@@ -132,8 +131,8 @@ def run_arms(settings: ArmSettings, audit: Callable, model, images: np.ndarray,
         book = harness.train_arm(plain, settings, model, [(images, labels)],
                                  [settings.seed])[0].ledger
     thresholds = gnq_thresholds(book, settings)
-    for text in tqdm([t for t in settings.arms if t != reference], desc="arms",
-                     disable=not settings.progress):
+    for text in progress_bar([t for t in settings.arms if t != reference], desc="arms",
+                             disable=not settings.progress):
         results[text], _ = audit(text, cli.make_arm(text, settings, thresholds))
     return results, thresholds
 

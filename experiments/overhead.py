@@ -98,7 +98,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
+from gujax.progress import progress_bar
 
 from experiments import cli
 from experiments.cli import BenchmarkSettings, Experiment, option, presets
@@ -450,7 +450,7 @@ def measure_blocks(steps: dict[str, Callable[[], Any]], *, blocks: int = 5, repe
         for name in names:
             steps[name]()
     times = {name: [[] for _ in range(blocks)] for name in names}
-    rounds = tqdm(range(blocks * repeats), desc=desc, leave=False, disable=desc is None)
+    rounds = progress_bar(range(blocks * repeats), desc=desc, leave=False, disable=desc is None)
     for i in rounds:
         block, r = divmod(i, repeats)
         for k in range(len(names)):

@@ -63,7 +63,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from gujax.progress import progress_bar  # noqa: E402
 
 import gujax.data as gd  # noqa: E402
 from experiments import cli, harness, memorisation, registry  # noqa: E402
@@ -384,8 +384,8 @@ def execute(run: cli.Run, prepared: tuple[gd.Dataset, object, float]) -> dict:
                 [(train_set.images, train_set.labels)], [settings.seed])[0].params
         batches = [attack_batch(model, params, np.asarray(gd.to_float(train_set.images[rows])),
                                 train_set.labels[rows], settings, jax.random.fold_in(key, i))
-                   for i, rows in enumerate(tqdm(picks, desc=f"{state} batches",
-                                                 disable=not settings.progress))]
+                   for i, rows in enumerate(progress_bar(picks, desc=f"{state} batches",
+                                                         disable=not settings.progress))]
         results[state] = {"batches": batches,
                           "originals": np.asarray(gd.to_float(train_set.images[picks[0]])),
                           "summary": summarise(batches)}

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 import gujax
+from gujax import files
 
 
 def jsonable(value):
@@ -42,8 +43,7 @@ def finite_or_none(x) -> float | None:
 
 def write_json(path: str, record: dict) -> None:
     """Strict JSON (no NaN/Infinity tokens)."""
-    with open(path, "w") as f:
-        json.dump(jsonable(record), f, indent=1, allow_nan=False)
+    files.write_json(path, jsonable(record), indent=1, allow_nan=False)
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
@@ -52,7 +52,7 @@ def write_csv(path: str, rows: list[dict]) -> None:
     flat = [{k: (json.dumps(jsonable(v)) if isinstance(v, (dict, list, tuple, np.ndarray))
                  else v) for k, v in r.items()} for r in rows]
     keys = list(dict.fromkeys(k for r in flat for k in r))
-    with open(path, "w", newline="") as f:
+    with files.atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(flat)
@@ -101,18 +101,18 @@ def environment() -> dict:
 
 def write_report(out: str, *, record: dict, json_name: str = "results.json",
                  rows: list[dict] | None = None, table: str | None = None,
-                 summary: str | None = None) -> None:
+                 summary: str | None = None, printed: str | None = None) -> None:
     """Write ``record`` to <out>/<json_name>, ``rows`` to results.csv, the
     markdown ``table`` to table.md and the text ``summary`` to summary.txt
-    (each when given); print the table or the summary and where it all is."""
+    (each when given); print ``printed`` (default: the table or the summary;
+    e.g. the table without the details table.md keeps) and where it all is."""
     write_json(os.path.join(out, json_name), record)
     if rows is not None:
         write_csv(os.path.join(out, "results.csv"), rows)
     for name, text in (("table.md", table), ("summary.txt", summary)):
         if text is not None:
-            with open(os.path.join(out, name), "w") as f:
-                f.write(text)
-    for text in (table, summary):
+            files.write_text(os.path.join(out, name), text)
+    for text in (printed,) if printed is not None else (table, summary):
         if text is not None:
             print(text)
     print(f"results in {out}")

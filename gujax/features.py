@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.special
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 from gujax import checks
 from gujax.data import cache
@@ -104,7 +104,7 @@ def scattering(images, *, J: int = 2, L: int = 8, batch_size: int = 500,
         return out
     transform = _transform(J, L, height, width)
     batch_size = min(batch_size, n)
-    bar = tqdm(total=n, desc=f"scattering J={J} L={L}", unit="img", disable=not progress)
+    bar = progress_bar(total=n, desc=f"scattering J={J} L={L}", unit="img", disable=not progress)
     for start in range(0, n, batch_size):
         chunk = images[start:start + batch_size]
         count = len(chunk)
@@ -188,7 +188,7 @@ def scattering_features(dataset: Dataset, *, J: int = 2, L: int = 8,
                           std=None if std is None else std.tolist())
     cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir else cache.default_cache_dir()
     hit = cache.read(cache_dir, key)
-    if hit is not None and hit["features"].shape[0] == len(dataset):
+    if hit is not None and "features" in hit and hit["features"].shape[0] == len(dataset):
         features = hit["features"]
     else:
         x = dataset.images.astype(np.float32) / 255.0

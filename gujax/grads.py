@@ -105,12 +105,18 @@ def gram(per_example: PyTree, *, dtype: Any = None) -> jax.Array:
         ``jax.config.update("jax_enable_x64", True)``) computes K from float32
         gradients in double precision; that is the way to get float64 GNQ
         without running the model in float64. Default: the gradients' dtype,
-        with the highest matmul precision.
+        with the highest matmul precision; float32 for half-precision
+        gradients (float16, bfloat16: about 3 significant digits, and float16
+        overflows above 65504).
 
     Returns:
       (B, B) array, symmetric positive semi-definite.
     """
     n = batch_size(per_example, name="per_example_grads")
+    if dtype is None:
+        common = jnp.result_type(*jax.tree_util.tree_leaves(per_example))
+        if jnp.issubdtype(common, jnp.floating) and jnp.finfo(common).bits < 32:
+            dtype = jnp.float32
     k = None
     for leaf in jax.tree_util.tree_leaves(per_example):
         flat = jnp.reshape(leaf, (n, -1))

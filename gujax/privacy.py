@@ -16,6 +16,14 @@ The event must match the sampler (``gujax.sampling``):
 The two samplings' epsilons refer to different adjacency relations and are
 not directly comparable.
 
+**The sampling has no default.** ``dp_epsilon``, ``calibrate_noise_multiplier``
+and ``dpsgd_event`` must be told which sampler drew the batches: an epsilon
+computed for Poisson sampling is wrong for a loop that draws fixed-size or
+shuffled batches (shuffling has no accounting here at all). Leaving it out
+raises ``TypeError``. ``gujax.dpsgd.make_private`` builds the sampler, the
+DP-SGD transformation and this accounting together, so that they agree by
+construction.
+
 ``releases``: noise multipliers of Gaussian mechanisms run once on the whole
 training set before training (e.g. private feature statistics,
 ``gujax.features.private_standardizer``, whose L2 sensitivity is its clip
@@ -34,9 +42,31 @@ _REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
 _ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
-def _check(noise_multiplier, sample_rate, steps, delta, sampling, accountant):
+class _Required:
+    """The default of ``sampling``: it must be named."""
+
+    def __repr__(self):
+        return "<required>"
+
+
+REQUIRED = _Required()
+
+SAMPLING_HELP = ("name the sampler that drew the batches: sampling='poisson' "
+                 "(gujax.sampling.poisson_batch, its mask passed on) or sampling='fixed' "
+                 "(gujax.sampling.fixed_batch); shuffled epochs have no DP accounting. "
+                 "gujax.dpsgd.make_private builds sampler, DP-SGD and accountant together")
+
+
+def _check_sampling(sampling, function: str) -> None:
+    if sampling is REQUIRED:
+        raise TypeError(f"{function}() has no default sampling: {SAMPLING_HELP}")
     if sampling not in ("poisson", "fixed"):
         raise ValueError(f"sampling must be 'poisson' or 'fixed', got {sampling!r}")
+
+
+def _check(noise_multiplier, sample_rate, steps, delta, sampling, accountant,
+           function="dp_epsilon"):
+    _check_sampling(sampling, function)
     if accountant not in ("rdp", "pld"):
         raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
     if sampling == "fixed" and accountant == "pld":
@@ -64,9 +94,11 @@ def _check_releases(releases) -> tuple[float, ...]:
 
 
 def dpsgd_event(noise_multiplier: float, sample_rate: float, steps: int, *,
-                sampling: str = "poisson", releases=()) -> dp_accounting.DpEvent:
+                sampling: str = REQUIRED, releases=()) -> dp_accounting.DpEvent:
     """The DpEvent of ``steps`` DP-SGD steps after the one-off Gaussian
-    ``releases`` (see the module docstring)."""
+    ``releases`` (see the module docstring). ``sampling`` ("poisson" or
+    "fixed") must be given."""
+    _check_sampling(sampling, "dpsgd_event")
     gaussian = dp_accounting.GaussianDpEvent
     if sampling == "poisson":
         step = dp_accounting.PoissonSampledDpEvent(sample_rate, gaussian(noise_multiplier))
@@ -107,10 +139,12 @@ def _accountant(sampling: str, accountant: str) -> dp_accounting.PrivacyAccounta
 
 
 def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-               *, sampling: str = "poisson", accountant: str = "rdp", releases=()) -> float:
+               *, sampling: str = REQUIRED, accountant: str = "rdp", releases=()) -> float:
     """epsilon of DP-SGD after ``steps`` steps at sample rate q and noise
     multiplier sigma (noise std / clip norm), for the given delta, with the
-    one-off Gaussian ``releases`` composed in."""
+    one-off Gaussian ``releases`` composed in. ``sampling`` ("poisson" or
+    "fixed", the sampler that drew the batches) must be given: TypeError
+    otherwise."""
     _check(noise_multiplier, sample_rate, steps, delta, sampling, accountant)
     acc = _accountant(sampling, accountant)
     acc.compose(dpsgd_event(noise_multiplier, sample_rate, steps, sampling=sampling,
@@ -119,14 +153,16 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: f
 
 
 def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int,
-                               delta: float, *, sampling: str = "poisson",
+                               delta: float, *, sampling: str = REQUIRED,
                                accountant: str = "rdp", tol: float = 1e-4,
                                releases=()) -> float:
     """Smallest sigma (within ``tol``) whose epsilon, with the one-off
     Gaussian ``releases`` composed in, is at most ``target_epsilon``, by
-    ``dp_accounting.calibrate_dp_mechanism``. A ValueError when the releases
-    alone spend the budget."""
-    _check(None, sample_rate, steps, delta, sampling, accountant)
+    ``dp_accounting.calibrate_dp_mechanism``. ``sampling`` ("poisson" or
+    "fixed", the sampler that will draw the batches) must be given: TypeError
+    otherwise. A ValueError when the releases alone spend the budget."""
+    _check(None, sample_rate, steps, delta, sampling, accountant,
+           "calibrate_noise_multiplier")
     releases = _check_releases(releases)
     if releases:
         acc = _accountant(sampling, accountant)

@@ -17,8 +17,9 @@ yourself. The trainer uses the same policies through
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import optax
 
 from gujax import checks
@@ -26,7 +27,8 @@ from gujax.engine import gradients_pass, policy_step
 from gujax.grads import batch_size
 from gujax.policies import Policy, batch_stats, censor_policy, clip_policy, mean_policy, monitor_policy
 
-__all__ = ["gnq_censor", "gnq_clip", "gnq_monitor", "mean_aggregate", "policy_transformation"]
+__all__ = ["Thresholds", "gnq_censor", "gnq_clip", "gnq_monitor", "mean_aggregate",
+           "policy_transformation", "propose_thresholds"]
 
 
 def policy_transformation(policy: Policy, *, dtype: Any = None
@@ -103,3 +105,54 @@ def mean_aggregate() -> optax.GradientTransformationExtraArgs:
     transformations it leaves out a row whose gradient is not finite (the
     denominator still counts it). See ``mean_policy``."""
     return policy_transformation(mean_policy())
+
+
+class Thresholds(NamedTuple):
+    """Budgets for the GNQ defenses (nats), as ``propose_thresholds`` gives them."""
+    budget: float    # gnq_censor(budget=): per-example total D_j
+    max_step: float  # gnq_clip(max_step=): per-step d_j
+
+
+def propose_thresholds(ledger, *, censor_quantile: float = 0.9, clip_quantile: float = 0.5
+                       ) -> Thresholds:
+    """A censor budget and a clip cap from the ledger of a monitor run.
+
+    D_j has no fixed scale (it grows with the steps and depends on the data,
+    the model, the batch size and ``reg``), so a budget is best read off a
+    plain run with the ``gnq_monitor`` ledger, trained as the defended run
+    will be (same epochs, batch size, sampling, ``reg`` and ``relative``):
+
+      budget   = the ``censor_quantile`` quantile of D_j: under plain training
+                 about 1 - censor_quantile of the examples would overrun it;
+      max_step = the ``clip_quantile`` quantile of D_j / steps_used_j, the
+                 mean per-step disclosure.
+
+    Both are over the examples the run used at least once. Under the censor
+    the fraction retired is usually *larger* than 1 - censor_quantile:
+    leaving an example out shrinks everyone else's S_-j and raises their GNQ
+    (docs/training.md, "Choosing the censor's budget and reg", measures it).
+
+    Args:
+      ledger: the ``Ledger`` (or a ``GnqState``, e.g. ``opt_state[0]`` of an
+        ``optax.chain(gnq_monitor(...), ...)``, or anything with
+        ``disclosure`` and ``steps_used`` per example).
+      censor_quantile, clip_quantile: in [0, 1].
+    """
+    for name, q in (("censor_quantile", censor_quantile), ("clip_quantile", clip_quantile)):
+        if not isinstance(q, (int, float, np.floating)) or not 0 <= q <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {q!r}")
+    ledger = getattr(ledger, "ledger", ledger) if not hasattr(ledger, "steps_used") else ledger
+    if not (hasattr(ledger, "disclosure") and hasattr(ledger, "steps_used")):
+        raise ValueError("propose_thresholds takes a GNQ ledger (gujax.Ledger or GnqState, "
+                         f"with disclosure and steps_used), got {type(ledger).__name__}")
+    used = np.asarray(ledger.steps_used)
+    total = np.asarray(ledger.disclosure, np.float64)
+    if used.shape != total.shape or used.ndim != 1:
+        raise ValueError(f"the ledger must hold one D_j and steps_used_j per example, got "
+                         f"shapes {total.shape} and {used.shape}")
+    seen = used > 0
+    if not seen.any():
+        raise ValueError("the ledger has used no example yet: train the monitor run first")
+    total = total[seen]
+    return Thresholds(float(np.quantile(total, censor_quantile)),
+                      float(np.quantile(total / used[seen], clip_quantile)))

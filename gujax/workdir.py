@@ -8,7 +8,10 @@ one run and for M stacked runs).
     workdir/snapshots/           parameters at chosen epochs, per run
     workdir/checkpoints/         orbax checkpoints of the whole (stacked) TrainState
 
-Typed PRNG keys (DP-SGD's noise key) are stored as raw key data.
+Typed PRNG keys (DP-SGD's noise key) are stored as raw key data. Every
+file is written atomically or appended one whole line at a time, and read
+back through ``gujax.files``: a damaged one is a ``CorruptFile`` naming it
+(and saying to delete the workdir), a line cut short by a kill is dropped.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import serialization
+
+from gujax import files
 
 PyTree = Any
 
@@ -47,17 +52,19 @@ def _manager(workdir: str) -> ocp.CheckpointManager:
                                              enable_async_checkpointing=False))
 
 
+def _remedy(workdir: str) -> str:
+    return f"delete {workdir} (that training then starts over)"
+
+
 def read_jsonl(path: str, up_to_step: int) -> list[dict]:
     """The records of a JSONL file with "step" <= ``up_to_step`` ([] if none)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if r["step"] <= up_to_step]
+    records = files.read_jsonl(path, _remedy(os.path.dirname(path)))
+    with files.reading(path, _remedy(os.path.dirname(path))):
+        return [r for r in records if int(r["step"]) <= up_to_step]
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-    with open(path, "w") as f:
+    with files.atomic_write(path) as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
 
@@ -75,26 +82,27 @@ def open_workdir(workdir: str, config_json: dict, state, resume: bool):
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
     manager = _manager(workdir)
-    latest = manager.latest_step() if resume else None
+    remedy = _remedy(workdir)
+    with files.reading(manager.directory, remedy):
+        latest = manager.latest_step() if resume else None
     current = json.loads(json.dumps(config_json))
     if latest is not None:
-        with open(config_path) as f:
-            saved = json.load(f)
+        saved = files.read_json(config_path, remedy)
         changed = {k for k in current if k != "epochs" and saved.get(k) != current[k]}
         if changed:
             raise ValueError(f"{workdir} holds a run with a different config "
                              f"({sorted(changed)}); use another workdir or resume=False")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, to_saveable(state))
-        restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-        state = from_saveable(restored, state)
+        with files.reading(os.path.join(manager.directory, str(latest)), remedy):
+            restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+            state = from_saveable(restored, state)
     else:
         for step in manager.all_steps():
             manager.delete(step)
     # A stacked run's finished members stop counting steps: the run is as far
     # as its furthest member.
     done = int(jnp.max(state.step))
-    with open(config_path, "w") as f:
-        json.dump(current, f, indent=1)
+    files.write_json(config_path, current, indent=1)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     history_path = os.path.join(workdir, "history.jsonl")
     # Drop records written after the checkpoint: those steps run again.
@@ -131,10 +139,8 @@ class Snapshots:
         self.taken[run][epoch] = params
         if self.folder is not None:
             os.makedirs(self.folder, exist_ok=True)
-            tmp = self._path(run, epoch) + ".tmp"
-            with open(tmp, "wb") as f:
+            with files.atomic_write(self._path(run, epoch), "wb") as f:
                 f.write(serialization.to_bytes(params))
-            os.replace(tmp, self._path(run, epoch))
 
     def restore(self, epochs: tuple[int, ...], done_epochs: list[int], like: PyTree) -> None:
         """Read back the snapshots of epochs each run has already completed."""
@@ -142,8 +148,10 @@ class Snapshots:
             return
         for run, done in enumerate(done_epochs):
             for epoch in epochs:
-                if epoch <= done and os.path.exists(self._path(run, epoch)):
-                    with open(self._path(run, epoch), "rb") as f:
+                path = self._path(run, epoch)
+                if epoch <= done and os.path.exists(path):
+                    with files.reading(path, _remedy(os.path.dirname(self.folder))), \
+                            open(path, "rb") as f:
                         self.taken[run][epoch] = serialization.from_bytes(like, f.read())
 
 

@@ -37,7 +37,7 @@ def test_parse_arm_rejects(text, match):
 def test_dp_calibration_meets_the_target():
     sigma, eps = dp_calibration(3.0, 1e-5, 64 / 700, 100)
     assert eps <= 3.0 + 1e-6 and eps > 2.9
-    assert dp_epsilon(sigma * 0.97, 64 / 700, 100, 1e-5) > 3.0
+    assert dp_epsilon(sigma * 0.97, 64 / 700, 100, 1e-5, sampling="poisson") > 3.0
 
 
 def _init(model, images, seed):
@@ -129,7 +129,10 @@ def test_stacked_runs_train_like_separate_ones(arm_text, method):
             assert together.ledger is None and alone.ledger is None
         else:
             la, lt = alone.ledger, together.ledger
-            np.testing.assert_allclose(lt.disclosure, la.disclosure, rtol=2e-4, atol=1e-6)
+            # The clip policy stops anywhere in its band (0.999 of the cap to
+            # the cap): rounding can end it one round apart, 1e-3 of D.
+            rtol = 1e-3 if arm.kind == "clip" else 2e-4
+            np.testing.assert_allclose(lt.disclosure, la.disclosure, rtol=rtol, atol=1e-6)
             np.testing.assert_array_equal(lt.steps_used, la.steps_used)
             np.testing.assert_array_equal(lt.retired, la.retired)
         assert [r["step"] for r in together.history] == [r["step"] for r in alone.history]

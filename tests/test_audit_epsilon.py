@@ -263,3 +263,26 @@ def test_featurised_canaries_are_mislabelled_only(tmp_path, capsys):
                             "--out", str(tmp_path / "never")])
     assert err.value.code == 2 and "featurised" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_cifar_preset_help_names_the_layouts_it_loads(tmp_path):
+    """The cifar preset's help names the image folder the README uses, and
+    the preset loads one (as well as the python batches and TFDS, through
+    gujax.data.load)."""
+    import dataclasses
+    from PIL import Image
+    from experiments import audit_epsilon, registry
+    note = " ".join(audit_epsilon.PRESETS["cifar"].note.split())
+    for layout in ("image folder DIR/train/<class>/<image>.png", "python batches", "TFDS"):
+        assert layout in note
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+               "ship", "truck"]
+    for split, count in (("train", 2), ("test", 1)):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(
+                    tmp_path / split / c / f"{i}.png")
+    settings = dataclasses.replace(audit_epsilon.PRESETS["cifar"], data_dir=str(tmp_path))
+    train, test = registry.load_data(settings, 0, settings.population_size)
+    assert len(train.labels) == 20 and len(test.labels) == 10

@@ -18,6 +18,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from experiments import cifar, cli, comparison, digits, harness, report, stacked
+from gujax import progress
 from gujax.arms import ARM_KINDS
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
@@ -142,8 +143,10 @@ def test_verdicts_from_intervals():
     assert "**The claim, by LiRA TPR at 1% FPR**: supported (better than a DP-SGD arm, " \
            "beaten by none, less attackable than SGD): gnq-censor tau=16; worse (beaten by " \
            "a DP-SGD arm): gnq-censor tau=8." in text
-    assert "- gnq-censor tau=16 (test acc 0.900 [0.885, 0.915], AUC 0.640 [0.630, 0.650], " \
-           "below SGD's): **trade-off**" in text
+    assert "| gnq-censor tau=16 | **better** / **trade-off** | better / trade-off | " \
+           "trade-off / trade-off | below / below |" in text
+    assert "- gnq-censor tau=16: vs dpsgd eps=8: acc +, TPR@1% =, AUC +; vs dpsgd eps=1: " \
+           "acc +, TPR@1% +, AUC +" in text
     # An attack interval overlapping SGD's: better than DP-SGD, but no privacy shown.
     noisy = [dict(r) for r in SYNTHETIC_ROWS]
     noisy[0]["mia_tpr_at_1pct_fpr_ci"] = [0.03, 0.2]
@@ -238,8 +241,9 @@ def test_help_explains_every_option_with_its_default():
     assert result.stdout.startswith("usage: python -m experiments.cifar")
     text = " ".join(result.stdout.split())          # as wrapped to the terminal
     for needle in ("(default: cpu)", "cpu (the default):", "dpsgd:eps=3", "censor:tau=8",
-                   "clip:max_step=0.1", "alias tau", "--pool-size 0", "one of mlp, smallcnn, "
-                   "wrn", "one of sgd, adam", "one of explicit, ghost", "--resume",
+                   "clip:max_step=0.1", "alias tau", "--pool-size 0", "one of mlp (an MLP; uses "
+                   "--hidden), smallcnn (a small CNN; --widths), wrn (WideResNet; --depth, "
+                   "--width)", "one of sgd, adam", "one of explicit, ghost", "--resume",
                    "--overwrite"):
         assert needle in text, needle
     from experiments import curvature, reconstruction, unique_features
@@ -405,3 +409,217 @@ def test_cifar_check_interval_and_verdict():
     row.update(test_accuracy=0.63, test_accuracy_ci=[0.62, 0.64])
     assert cifar.check_verdict(row).endswith("more than 3 points off")
     assert cifar.check_verdict({"published_accuracy": None}) is None
+
+
+def _help(experiment) -> str:
+    return " ".join(cli.build_parser(experiment).format_help().split())
+
+
+def test_help_offers_only_the_options_that_apply():
+    text = _help(digits.EXPERIMENT)
+    # 8x8 digits: no WideResNet, no scattering, so none of their options.
+    for absent in ("--depth", "--width ", "wrn", "scatter", "--features", "--normalisation",
+                   "private"):
+        assert absent not in text, absent
+    for present in ("--hidden", "--widths", "one of mlp (an MLP; uses --hidden), smallcnn"):
+        assert present in text, present
+    wide = _help(cifar.EXPERIMENT)
+    for present in ("--depth", "--width ", "--features {pixels,scattering}",
+                    "scattering (ScatterNet", "--normalisation {group,private}",
+                    "--normalisation-noise", "wrn (WideResNet; --depth, --width)"):
+        assert present in wide, present
+    # What is not offered is not accepted either.
+    for argv, match in ((["--depth", "10"], "unrecognized arguments: --depth"),
+                        (["--model", "wrn"], "invalid choice: 'wrn'"),
+                        (["--features", "scattering"], "unrecognized arguments")):
+        with pytest.raises(cli.UsageError, match=match):
+            cli.parse_command_line(["--preset", "smoke", *argv], digits.EXPERIMENT)
+    settings = cli.parse_command_line(["--preset", "paper", "--depth", "10"],
+                                      cifar.EXPERIMENT).settings
+    assert settings.depth == 10
+
+
+def test_switches_read_clearly_and_take_the_old_values():
+    text = _help(cifar.EXPERIMENT)
+    assert "--augment, --no-augment random crop" in text
+    assert "[--augment | --no-augment]" in text and "true|false]" not in text
+    parse = lambda *argv: cli.parse_command_line(["--preset", "smoke", *argv],  # noqa: E731
+                                                 digits.EXPERIMENT).settings
+    try:
+        assert parse("--augment").augment is True and parse("--no-augment").augment is False
+        # The command lines of docs/results/*/run.json and the docs.
+        assert parse("--progress", "false", "--epochs", "2").progress is False
+        assert parse("--augment", "false").augment is False
+        assert parse("--augment=true", "--no-progress").augment is True
+        assert parse("--step-progress", "true").step_progress is True
+        assert parse().step_progress is None
+        for argv, match in ((["--augment", "maybe"], "expected true/false, got 'maybe'"),
+                            (["--no-augment", "true"], "--no-augment: takes no value")):
+            with pytest.raises(cli.UsageError, match=match):
+                parse(*argv)
+    finally:
+        progress.set_enabled(True)
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path):
+    argv = ["experiments.digits", "--preset", "smoke", "--pool-size", "80",
+            "--population-size", "40", "--num-models", "3", "--epochs", "1",
+            "--batch-size", "16", "--arms", "sgd", "censor:tau=8"]
+    shown = _cli(*argv, "--out", str(tmp_path / "a"), "--step-progress", "true")
+    assert shown.returncode == 0, shown.stderr
+    assert "\r" not in shown.stderr and "\x1b[" not in shown.stderr
+    lines = shown.stderr.splitlines()
+    assert any(line.startswith("arms: 2/2 (done in ") for line in lines), shown.stderr
+    assert any(line.startswith("shadow models [sgd]: 3/3 models (done in ") for line in lines)
+    assert any(line.startswith("train x3: ") for line in lines)
+    quiet = _cli(*argv, "--out", str(tmp_path / "b"), "--progress", "false")
+    assert quiet.returncode == 0, quiet.stderr
+    for word in ("arms", "shadow models", "train", "done in", "\r"):
+        assert word not in quiet.stderr, (word, quiet.stderr)
+
+
+def test_progress_false_silences_the_library_bars_too(tmp_path, capsys, monkeypatch):
+    from gujax.data import sources
+    _image_folder(tmp_path, {"train": 1})
+    paths = sorted(str(p) for p in tmp_path.glob("train/*/*.png"))
+    monkeypatch.setattr(sources, "_PROGRESS_MIN", 1)
+    try:
+        cli.parse_command_line(["--preset", "smoke", "--progress", "false"], digits.EXPERIMENT)
+        assert sources.decode_images(paths).shape == (10, 32, 32, 3)
+        assert capsys.readouterr().err == ""
+        cli.parse_command_line(["--preset", "smoke"], digits.EXPERIMENT)
+        sources.decode_images(paths)
+        err = capsys.readouterr().err
+        assert err.startswith("decoding images: 10/10 (done in ") and "\r" not in err
+    finally:
+        progress.set_enabled(True)
+
+
+def test_progress_bar_is_tqdm_on_a_terminal_and_lines_elsewhere(monkeypatch, capsys):
+    import tqdm
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with progress.progress_bar(range(3), desc="x") as bar:
+        assert isinstance(bar, tqdm.tqdm)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    capsys.readouterr()
+    bar = progress.progress_bar(total=4, desc="steps", interval=0.0)
+    assert isinstance(bar, progress.PlainBar)
+    bar.set_postfix_str("training models 0-1")
+    bar.update(2)
+    bar.update(2)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    # A new stage gets a line of its own, then progress lines carry it.
+    assert lines[0] == "steps: 0/4 (0 s) [training models 0-1]"
+    assert lines[1].startswith("steps: 2/4 (") and "left) [training models 0-1]" in lines[1]
+    assert lines[-1].startswith("steps: 4/4 (done in ")
+    assert list(progress.progress_bar(range(3), disable=True)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_verdicts_are_one_compact_table_without_repeated_intervals():
+    text = comparison.verdict_text(SYNTHETIC_ROWS)
+    # Each GNQ arm: one table row and one line of details; no other arm's
+    # intervals repeated (they are in the headline table).
+    for arm in ("gnq-censor tau=8", "gnq-censor tau=16"):
+        assert text.count(f"| {arm} |") == 1 and text.count(f"- {arm}:") == 1
+    assert "[0.810, 0.850]" not in text and "0.830" not in text   # dpsgd eps=8's accuracy
+    assert max(len(line) for line in text.splitlines() if "gnq-censor tau" in line) < 200
+    assert text.count("### The pairs in detail") == 1
+    short = comparison.verdict_text(SYNTHETIC_ROWS, details=False)
+    assert "The pairs in detail" not in short and "| gnq-censor tau=8 | **worse**" in short
+
+
+def test_the_verdicts_print_once_and_replot_rebuilds_the_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    digits.main(["--preset", "smoke", "--out", str(out), "--pool-size", "80",
+                 "--population-size", "40", "--num-models", "3", "--epochs", "1",
+                 "--batch-size", "16", "--arms", "sgd", "dpsgd:eps=3", "censor:tau=8"])
+    printed = capsys.readouterr().out
+    assert printed.count("| gnq-censor tau=8 |") == 2          # the headline, the verdicts
+    assert printed.count("## The GNQ arms against DP-SGD") == 1
+    assert "The pairs in detail" not in printed
+    table = (out / "table.md").read_text()
+    assert table.count("### The pairs in detail") == 1 and table.count("**The claim") == 2
+    for name in ("table.md", *PNGS):
+        (out / name).unlink()
+    digits.main(["--replot", str(out)])
+    assert (out / "table.md").read_text() == table
+    for name in PNGS:
+        assert (out / name).stat().st_size > 1000, name
+    assert "rebuilt in" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        digits.main(["--replot", str(out), "--epochs", "2"])
+    assert info.value.code == 2
+    assert "--replot takes one folder" in _one_line_error(capsys.readouterr().err)
+
+
+def test_privacy_utility_labels_cover_no_point_bar_or_label():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.transforms import Bbox
+    from gujax.audit.plots import plot_tradeoff
+    # The committed CIFAR-10 run, where eps=8 / tau=2 and tau=8 / s=0.1 collided.
+    rows = json.loads((ROOT / "docs/results/cifar10-cpu/results.json").read_text())["arms"]
+    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, (key, _, chance, log_x) in zip(axes, comparison.PRIVACY_AXES):
+        plot_tradeoff(comparison.families(rows, key), ax, chance=chance, log_x=log_x)
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    for ax, (key, _, _, _) in zip(axes, comparison.PRIVACY_AXES):
+        to_display = ax.transData.transform
+        texts = [t for t in ax.texts if t.get_text() != "chance"]
+        assert len(texts) == len(rows)
+        boxes = {t.get_text(): t.get_window_extent(renderer) for t in texts}
+        for p in (p for points in comparison.families(rows, key).values() for p in points):
+            x, y = to_display((p.x, p.y))
+            lo, hi = to_display((p.x_interval[0], p.y_interval[0])), \
+                to_display((p.x_interval[1], p.y_interval[1]))
+            drawn = [Bbox.from_extents(x - 3, y - 3, x + 3, y + 3),       # marker
+                     Bbox.from_extents(lo[0], y - 1, hi[0], y + 1),       # error bars
+                     Bbox.from_extents(x - 1, lo[1], x + 1, hi[1])]
+            for label, box in boxes.items():
+                if label != p.label:
+                    assert not any(box.overlaps(d) for d in drawn), (key, label, p.label)
+        names = list(boxes)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                assert not boxes[a].overlaps(boxes[b]), (key, a, b)
+
+
+def test_roc_marks_the_low_fpr_levels_and_shows_low_curves():
+    from gujax.audit.plots import plot_roc
+    # TPR far below the smallest FPR: the old y range (from the FPR) cut it off.
+    low = (np.array([0.0, 0.01, 0.1, 1.0]), np.array([0.0, 0.0005, 0.2, 1.0]))
+    high = (np.array([0.0, 0.001, 0.01, 1.0]), np.array([0.0, 0.05, 0.2, 1.0]))
+    ax = plot_roc({"low": low, "high": high},
+                  intervals={"high": {0.001: (0.03, 0.07), 0.01: (0.15, 0.25)}})
+    assert ax.get_ylim()[0] <= 0.0005
+    assert ax.get_xlim()[0] == pytest.approx(0.001)
+    assert [line.get_label()[:4] for line in ax.lines] == ["low ", "high", "chan"]
+    levels = [c for c in ax.collections if c.get_label().startswith("_FPR")]
+    assert sorted(c.get_label() for c in levels) == ["_FPR 0.001", "_FPR 0.01"]
+    dots = {c.get_label(): c.get_offsets()[0] for c in ax.collections
+            if " at " in c.get_label() and "interval" not in c.get_label()}
+    assert sorted(dots) == ["_high at 0.001", "_high at 0.01", "_low at 0.01"]  # low: 0 at 0.1%
+    assert dots["_high at 0.001"][1] == pytest.approx(0.05)
+    bars = [c for c in ax.collections if "interval" in c.get_label()]
+    assert len(bars) == 2                         # the two intervals of "high"
+    (segment,) = bars[0].get_segments()
+    assert segment[:, 1] == pytest.approx([0.03, 0.07])
+
+
+def test_disclosure_panels_share_one_x_axis():
+    from gujax.audit.plots import plot_disclosure_grid
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=50)
+    fig = plot_disclosure_grid({"sgd": (rng.uniform(0, 70, 50), v),
+                                "censor tau=1": (rng.uniform(0, 1, 50), v),
+                                "dpsgd": (np.full(50, np.nan), v)})
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 3
+    assert len({ax.get_xlim() for ax in shown}) == 1
+    assert shown[0].get_xlim()[1] > 60
+    assert "too few" in shown[2].get_title() or "at least 3" in shown[2].get_title()

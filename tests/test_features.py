@@ -173,16 +173,18 @@ def test_releases_compose_into_epsilon_like_dp_accounting():
         dp_accounting.GaussianDpEvent(8.0), dp_accounting.GaussianDpEvent(8.0),
         dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.5)), steps)]))
-    with_releases = dp_epsilon(1.5, q, steps, delta, releases=(8.0, 8.0))
+    with_releases = dp_epsilon(1.5, q, steps, delta, sampling="poisson", releases=(8.0, 8.0))
     assert with_releases == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
-    assert with_releases > dp_epsilon(1.5, q, steps, delta)
-    sigma = calibrate_noise_multiplier(2.0, q, steps, delta, releases=(8.0, 8.0))
-    assert dp_epsilon(sigma, q, steps, delta, releases=(8.0, 8.0)) <= 2.0 + 1e-6
-    assert sigma > calibrate_noise_multiplier(2.0, q, steps, delta)
+    assert with_releases > dp_epsilon(1.5, q, steps, delta, sampling="poisson")
+    sigma = calibrate_noise_multiplier(2.0, q, steps, delta, sampling="poisson",
+                                       releases=(8.0, 8.0))
+    assert dp_epsilon(sigma, q, steps, delta, sampling="poisson", releases=(8.0, 8.0)) <= 2.0 + 1e-6
+    assert sigma > calibrate_noise_multiplier(2.0, q, steps, delta, sampling="poisson")
     with pytest.raises(ValueError, match="alone spend"):
-        calibrate_noise_multiplier(0.5, q, steps, delta, releases=(0.5,))
+        calibrate_noise_multiplier(0.5, q, steps, delta, sampling="poisson",
+                                   releases=(0.5,))
     with pytest.raises(ValueError, match="releases"):
-        dp_epsilon(1.5, q, steps, delta, releases=(0.0,))
+        dp_epsilon(1.5, q, steps, delta, sampling="poisson", releases=(0.0,))
 
 
 # ----------------------------------------------------------------------------

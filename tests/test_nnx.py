@@ -201,7 +201,7 @@ def test_layer_without_rule_is_local_or_fallback():
 
 def test_bridged_gujax_model_has_no_fallback():
     from gujax.models import SmallCNN
-    from gujax.models.nnx import to_nnx
+    from gujax.models import to_nnx
     x = jax.random.normal(jax.random.key(0), (B, 8, 8, 1), jnp.float64)
     model = to_nnx(SmallCNN(num_classes=3, widths=(4,), groups=2), x[0])
     loss, state, batch = _classifier(model, x)
@@ -213,3 +213,35 @@ def test_bridged_gujax_model_has_no_fallback():
     assert _rel(ghost_gram(loss, state, batch), want) < 1e-10
     with pytest.raises(ValueError, match="Linen"):
         to_nnx(MLP(nnx.Rngs(0)), x[0])
+
+
+def test_per_example_grads_and_the_optax_transformations_take_an_nnx_state():
+    """The documented NNX per-example path (README, "Flax NNX"): gradients
+    with respect to an ``nnx.State`` are an ``nnx.State`` with a batch axis,
+    and every optax transformation turns them into an update shaped like the
+    state, which ``optax.apply_updates`` and ``nnx.merge`` take back."""
+    from gujax.transforms import gnq_censor, gnq_monitor
+    model = MLP(nnx.Rngs(0))
+    loss, state, batch = _classifier(model, jax.random.normal(jax.random.key(1), (B, 3, 4),
+                                                              jnp.float64))
+    graphdef, _ = nnx.split(model)
+    grads = per_example_grads(loss, state, batch)
+    assert isinstance(grads, nnx.State)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(state)
+    ids = jnp.arange(B)
+    mean = jax.tree_util.tree_map(lambda g: g.mean(0), grads)
+    for tx, expected in ((gnq_monitor(num_examples=B, reg=1e-2), mean),
+                         (gnq_censor(budget=100.0, num_examples=B, reg=1e-2), mean)):
+        chained = optax.chain(tx, optax.sgd(0.1))
+        updates, opt_state = chained.update(grads, chained.init(state), state,
+                                            example_ids=ids)
+        assert isinstance(updates, nnx.State)
+        assert _tree_rel(updates, jax.tree_util.tree_map(lambda m: -0.1 * m, expected)) < 1e-6
+        ledger = opt_state[0]
+        np.testing.assert_allclose(ledger.last_gnq, gnq(grads, reg=1e-2), rtol=1e-6)  # float32 ledger
+        new_model = nnx.merge(graphdef, optax.apply_updates(state, updates))
+        assert new_model(batch["x"][0]).shape == (3,)
+    agg = dpsgd_aggregate(l2_norm_clip=0.5, noise_multiplier=0.0, expected_batch_size=B,
+                          seed=0)
+    update, _ = agg.update(grads, agg.init(state), state)
+    assert isinstance(update, nnx.State)

@@ -7,12 +7,12 @@ import optax
 import pytest
 from dp_accounting import pld, rdp
 
-from gujax.dpsgd import dpsgd_aggregate
+from gujax.dpsgd import dpsgd_aggregate, make_private
 from gujax.noise import (KEY_IMPLS, SCHEDULES, Noise, clipped_gaussian_sum_numpy,
                          gaussian_noise)
 
 NOISES = [Noise(impl, schedule) for impl in KEY_IMPLS for schedule in SCHEDULES]
-from gujax.privacy import calibrate_noise_multiplier, dp_epsilon
+from gujax.privacy import calibrate_noise_multiplier, dp_epsilon, dpsgd_event
 from gujax.sampling import fixed_batch, poisson_batch, poisson_padded_size, shuffled_batch
 
 ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -28,7 +28,8 @@ def test_poisson_epsilon_matches_dp_accounting(accountant):
            else pld.PLDAccountant(neighboring_relation=ADD_REMOVE))
     acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
                 steps)
-    assert dp_epsilon(sigma, q, steps, delta, accountant=accountant) == pytest.approx(
+    assert dp_epsilon(sigma, q, steps, delta, sampling="poisson",
+                      accountant=accountant) == pytest.approx(
         acc.get_epsilon(delta), rel=1e-9)
 
 
@@ -40,13 +41,13 @@ def test_fixed_epsilon_matches_dp_accounting_with_replace_one_sensitivity():
         n, batch, dp_accounting.GaussianDpEvent(sigma / 2)), steps)
     eps = dp_epsilon(sigma, batch / n, steps, delta, sampling="fixed")
     assert eps == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
-    assert eps > dp_epsilon(sigma, batch / n, steps, delta)  # replace-one costs more
+    assert eps > dp_epsilon(sigma, batch / n, steps, delta, sampling="poisson")  # replace-one costs more
 
 
 def test_epsilon_decreases_with_noise_and_grows_with_steps():
-    eps = [dp_epsilon(s, 0.01, 200, 1e-5) for s in (0.8, 1.0, 1.5)]
+    eps = [dp_epsilon(s, 0.01, 200, 1e-5, sampling="poisson") for s in (0.8, 1.0, 1.5)]
     assert eps[0] > eps[1] > eps[2]
-    assert dp_epsilon(1.0, 0.01, 400, 1e-5) > eps[1]
+    assert dp_epsilon(1.0, 0.01, 400, 1e-5, sampling="poisson") > eps[1]
 
 
 @pytest.mark.parametrize("sampling,accountant", [
@@ -69,11 +70,137 @@ def test_accounting_rejects_bad_input():
     for args in [(0.0, 0.01, 10, 1e-5), (1.0, 0.0, 10, 1e-5), (1.0, 1.5, 10, 1e-5),
                  (1.0, 0.01, 0, 1e-5), (1.0, 0.01, 10, 0.0), (float("nan"), 0.01, 10, 1e-5)]:
         with pytest.raises(ValueError):
-            dp_epsilon(*args)
+            dp_epsilon(*args, sampling="poisson")
     with pytest.raises(ValueError, match="sampling"):
         dp_epsilon(1.0, 0.01, 10, 1e-5, sampling="shuffle")
     with pytest.raises(ValueError, match="target_epsilon"):
-        calibrate_noise_multiplier(-1.0, 0.01, 10, 1e-5)
+        calibrate_noise_multiplier(-1.0, 0.01, 10, 1e-5, sampling="poisson")
+
+
+def test_the_sampling_must_be_named():
+    """No silent default: an epsilon for Poisson sampling is wrong for a loop
+    that draws fixed-size batches, so every entry point makes the caller
+    name the sampler."""
+    for call in (lambda: dp_epsilon(1.0, 0.01, 10, 1e-5),
+                 lambda: calibrate_noise_multiplier(3.0, 0.01, 10, 1e-5),
+                 lambda: dpsgd_event(1.0, 0.01, 10)):
+        with pytest.raises(TypeError, match="sampling='poisson'.*make_private"):
+            call()
+
+
+# ------------------------------------------------- make_private: one object
+
+def _reference_epsilon(sigma, n, batch, steps, delta, sampling, accountant):
+    """dp_accounting's epsilon for ``steps`` batches of the named sampler,
+    with the events composed by hand."""
+    gaussian = dp_accounting.GaussianDpEvent
+    if sampling == "poisson":
+        acc = (rdp.RdpAccountant(neighboring_relation=ADD_REMOVE) if accountant == "rdp"
+               else pld.PLDAccountant(neighboring_relation=ADD_REMOVE))
+        acc.compose(dp_accounting.PoissonSampledDpEvent(batch / n, gaussian(sigma)), steps)
+    else:
+        acc = rdp.RdpAccountant(neighboring_relation=REPLACE_ONE)
+        acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(n, batch, gaussian(sigma / 2)),
+                    steps)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("sampling,accountant", [
+    ("poisson", "rdp"), ("poisson", "pld"), ("fixed", "rdp")])
+def test_make_private_epsilon_is_dp_accountings_for_the_sampler_it_returns(sampling,
+                                                                           accountant):
+    n, batch, epochs, delta = 600, 30, 3, 1e-5
+    private = make_private(num_examples=n, batch_size=batch, epochs=epochs, target_epsilon=2.0,
+                           delta=delta, l2_norm_clip=0.5, seed=4, sampling=sampling,
+                           accountant=accountant)
+    assert private.steps == epochs * (n // batch) == 60 and private.sample_rate == batch / n
+    want = _reference_epsilon(private.noise_multiplier, n, batch, private.steps, delta,
+                              sampling, accountant)
+    assert private.epsilon == pytest.approx(want, rel=1e-9)
+    assert 0.99 * 2.0 <= private.epsilon <= 2.0 * (1 + 1e-6)
+    assert private.epsilon_after(10) < private.epsilon
+    # The batches are the named sampler's: Poisson sizes vary around q N
+    # under a mask, fixed batches are B distinct ids.
+    batches = list(private.batches())
+    assert len(batches) == private.steps
+    sizes = np.array([int(mask.sum()) for _, mask in batches])
+    assert all(len(ids) == private.rows for ids, _ in batches)
+    if sampling == "poisson":
+        assert private.rows > batch and sizes.std() > 1
+        assert abs(sizes.mean() - batch) < 5 * np.sqrt(batch / private.steps)
+        np.testing.assert_array_equal(batches[7][0], poisson_batch(4, 7, n, batch / n,
+                                                                   private.rows)[0])
+    else:
+        assert private.rows == batch and (sizes == batch).all()
+        np.testing.assert_array_equal(batches[7][0], fixed_batch(4, 7, n, batch)[0])
+    # The transformation adds the calibrated noise: std sigma C / batch.
+    ids, mask = private.batch(0)
+    g = {"w": jnp.zeros((len(ids), 20_000))}
+    update, _ = private.tx.update(g, private.tx.init(None), mask=jnp.asarray(mask))
+    np.testing.assert_allclose(np.std(np.asarray(update["w"])),
+                               private.noise_multiplier * 0.5 / batch, rtol=0.03)
+
+
+def test_make_private_refuses_batches_its_accountant_does_not_cover():
+    poisson = make_private(num_examples=500, batch_size=25, epochs=1, target_epsilon=4.0,
+                           delta=1e-5, l2_norm_clip=1.0)
+    fixed = make_private(num_examples=500, batch_size=25, epochs=1, target_epsilon=4.0,
+                         delta=1e-5, l2_norm_clip=1.0, sampling="fixed")
+    rows = lambda b: {"w": jnp.ones((b, 3))}
+    all_real = lambda b: jnp.ones(b, bool)
+    # What a README-style loop of fixed-size batches hands a Poisson-accounted
+    # DP-SGD: no mask, or B rows with an all-true mask. Both refused, also
+    # under jit (shapes are static).
+    with pytest.raises(ValueError, match="Poisson sampling.*no mask"):
+        poisson.tx.update(rows(25), poisson.tx.init(None))
+    with pytest.raises(ValueError, match="padded to"):
+        poisson.tx.update(rows(25), poisson.tx.init(None), mask=all_real(25))
+    with pytest.raises(ValueError, match="padded to"):
+        jax.jit(lambda g, m: poisson.tx.update(g, poisson.tx.init(None), mask=m))(
+            rows(25), all_real(25))
+    # A Poisson batch handed to the fixed-size accountant.
+    ids, mask = poisson.batch(0)
+    with pytest.raises(ValueError, match="fixed-size batches of 25"):
+        fixed.tx.update(rows(len(ids)), fixed.tx.init(None), mask=jnp.asarray(mask))
+    with pytest.raises(ValueError, match="padding rows"):
+        fixed.tx.update(rows(25), fixed.tx.init(None), mask=jnp.arange(25) < 20)
+    # Their own batches pass, also an overflowing (unpadded, longer) Poisson one.
+    poisson.tx.update(rows(len(ids)), poisson.tx.init(None), mask=jnp.asarray(mask))
+    poisson.tx.update(rows(poisson.rows + 3), poisson.tx.init(None),
+                      mask=all_real(poisson.rows + 3))
+    fixed.tx.update(rows(25), fixed.tx.init(None), mask=jnp.asarray(fixed.batch(0)[1]))
+    with pytest.raises(ValueError, match="sampling"):
+        make_private(num_examples=500, batch_size=25, epochs=1, target_epsilon=4.0,
+                     delta=1e-5, l2_norm_clip=1.0, sampling="shuffle")
+    with pytest.raises(ValueError, match="fixed by the accounting"):
+        poisson.train_config(sampling="shuffle")
+
+
+def test_make_private_in_the_trainer_accepts_its_own_sampling_only():
+    """``train_config()`` draws the accounted batches; a shuffled trainer
+    handed the same transformation is refused at the first step."""
+    import flax.linen as nn
+    from gujax.train import TrainConfig, train
+    rng = np.random.default_rng(0)
+    n = 200
+    x = rng.normal(size=(n, 4, 1, 1)).astype(np.float32)
+    y = (x[:, 0, 0, 0] > 0).astype(np.int32)
+    class Flat(nn.Module):
+        @nn.compact
+        def __call__(self, v):
+            return nn.Dense(2)(v.reshape(v.shape[:-3] + (-1,)))
+
+    model = Flat()
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    private = make_private(num_examples=n, batch_size=20, epochs=2, target_epsilon=8.0,
+                           delta=1e-5, l2_norm_clip=1.0, seed=1)
+    data = (x, y, np.arange(n))
+    result = train(params=params, model=model, data=data, aggregator=private.tx,
+                   config=private.train_config(learning_rate=0.5, progress=False))
+    assert len(result.history) == 2 and result.history[-1]["step"] == private.steps
+    with pytest.raises(ValueError, match="padded to"):
+        train(params=params, model=model, data=data, aggregator=private.tx,
+              config=TrainConfig(epochs=1, batch_size=20, sampling="shuffle", progress=False))
 
 
 # ------------------------------------------------------------------ samplers

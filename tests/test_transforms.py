@@ -422,3 +422,46 @@ def test_state_is_a_namedtuple_of_arrays_and_deterministic():
         np.testing.assert_array_equal(x, y)
     metrics = a[1].step_metrics()
     assert all(jnp.ndim(v) == 0 for v in metrics.values())
+
+
+# ------------------------------------------------------- proposed thresholds
+
+def test_propose_thresholds_reads_the_monitor_ledger():
+    """budget = the censor_quantile quantile of D_j, max_step = the
+    clip_quantile quantile of D_j / steps_used_j, over the examples used."""
+    from gujax.policies import Ledger
+    from gujax.transforms import Thresholds, propose_thresholds
+    d = np.array([0.0, 4.0, 1.0, 9.0, 2.0, 7.0], np.float32)
+    used = np.array([0, 4, 1, 3, 2, 7], np.int32)  # example 0 never used
+    z = np.zeros(6, np.float32)
+    ledger = Ledger(z, d, used, used, np.zeros(6, bool), z, np.int32(7))
+    got = propose_thresholds(ledger, censor_quantile=0.75, clip_quantile=0.5)
+    assert isinstance(got, Thresholds)
+    assert got.budget == pytest.approx(np.quantile([4, 1, 9, 2, 7], 0.75))
+    assert got.max_step == pytest.approx(np.median([1, 1, 3, 1, 1]))
+    with pytest.raises(ValueError, match="censor_quantile"):
+        propose_thresholds(ledger, censor_quantile=1.5)
+    with pytest.raises(ValueError, match="used no example"):
+        propose_thresholds(ledger._replace(steps_used=np.zeros(6, np.int32)))
+    with pytest.raises(ValueError, match="ledger"):
+        propose_thresholds({"disclosure": d})
+
+    # From a monitor run's optax state (a GnqState), and the proposal works
+    # as the censor's budget: it refuses at least the examples over it.
+    rng = np.random.default_rng(0)
+    n, b = 40, 10
+    mon = gnq_monitor(num_examples=n, reg=0.1)
+    state = mon.init(None)
+    grads = [{"w": jnp.asarray(rng.normal(size=(b, 30)), jnp.float32)} for _ in range(8)]
+    batches = [rng.choice(n, b, replace=False) for _ in range(8)]
+    for g, ids in zip(grads, batches):
+        _, state = mon.update(g, state, example_ids=jnp.asarray(ids))
+    proposed = propose_thresholds(state, censor_quantile=0.5)
+    seen = np.asarray(state.steps_used) > 0
+    assert proposed.budget == pytest.approx(np.median(np.asarray(state.disclosure)[seen]))
+    cen = gnq_censor(budget=proposed.budget, num_examples=n, reg=0.1)
+    cstate = cen.init(None)
+    for g, ids in zip(grads, batches):
+        _, cstate = cen.update(g, cstate, example_ids=jnp.asarray(ids))
+    assert np.asarray(cstate.retired).sum() >= 0.4 * seen.sum()
+    assert float(np.max(cstate.disclosure)) <= proposed.budget * (1 + 1e-5)

@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 from gujax import checks
 
@@ -167,7 +167,8 @@ def curvature_over_checkpoints(
         raise ValueError("checkpoints is empty")
     _check_inputs(images, labels)
     total, var = 0.0, 0.0
-    for c, params in enumerate(tqdm(checkpoints, desc="curvature", unit="ckpt", leave=False)):
+    for c, params in enumerate(progress_bar(checkpoints, desc="curvature", unit="ckpt",
+                                                leave=False)):
         est = input_curvature(loss_fn, params, images, labels, key=jax.random.fold_in(key, c),
                               num_probes=num_probes, chunk_size=chunk_size, squared=squared)
         total, var = total + est.trace, var + est.stderr ** 2

@@ -36,8 +36,15 @@ def _curve(value) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
 
 
+def tpr_at_level(fpr: np.ndarray, tpr: np.ndarray, level: float) -> float:
+    """The largest TPR of an ROC curve at an FPR <= ``level`` (0 if none)."""
+    below = fpr <= level
+    return float(tpr[below].max()) if np.any(below) else 0.0
+
+
 def plot_roc(curves: Mapping, ax: Axes | None = None, path=None, *,
-             title: str | None = None) -> Axes:
+             title: str | None = None, fpr_levels: Sequence[float] = (0.001, 0.01),
+             intervals: Mapping[str, Mapping[float, Sequence[float]]] | None = None) -> Axes:
     """ROC curves on log-log axes, one per attack or arm, with the chance line.
 
     Args:
@@ -46,30 +53,71 @@ def plot_roc(curves: Mapping, ax: Axes | None = None, path=None, *,
         legend shows each curve's AUC.
       ax: axes to draw on (default: a new figure, wide enough for the legend).
       path: file to save the figure to (PNG, PDF, ... by extension).
+      fpr_levels: the FPRs marked (a dotted vertical line each, and on each
+        curve a dot at its TPR there: ``tpr_at_level``).
+      intervals: name -> {fpr level: (lo, hi)}: a TPR interval drawn as a
+        vertical bar through that curve's dot (e.g. the 95% bootstrap
+        intervals of ``mia_tpr_at_1pct_fpr_ci``), the curves' dots and bars
+        side by side.
 
     Returns:
-      The axes. Log axes cannot show FPR = 0 or TPR = 0: the plot starts at
-      the smallest positive FPR of the curves (the low-FPR regime is what
-      matters for membership inference). The legend sits outside the axes,
-      to their right, so that it covers no curve.
+      The axes: ``ax.lines`` holds the curves, then the chance line (the
+      marks are collections). Log axes cannot show FPR = 0 or TPR = 0: the x axis starts
+      at the smallest positive FPR of the curves (the low-FPR regime is what
+      matters for membership inference), the y axis below the smallest
+      positive TPR shown, so that no curve, marker or interval is cut off.
+      The legend sits outside the axes, to their right, so that it covers no
+      curve.
     """
     if not curves:
         raise ValueError("curves is empty")
     ax = _axes(ax, figsize=(7.5, 4.5))
     smallest = 1.0
-    for name, value in curves.items():
+    drawn = []
+    for i, (name, value) in enumerate(curves.items()):
         fpr, tpr = _curve(value)
         if fpr.shape != tpr.shape or fpr.ndim != 1:
             raise ValueError(f"{name}: fpr and tpr must be 1-D of equal length")
         area = np.trapezoid(tpr, fpr)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {area:.3f})")
+        ax.plot(fpr, tpr, color=f"C{i % 10}", label=f"{name} (AUC {area:.3f})")
         if np.any(fpr > 0):
             smallest = min(smallest, float(fpr[fpr > 0].min()))
-    ax.plot([smallest, 1], [smallest, 1], "k--", lw=0.8, label="chance")
+        drawn.append((name, fpr, tpr, f"C{i % 10}"))
+    lowest = smallest
+    for i, (name, fpr, tpr, color) in enumerate(drawn):
+        shown = tpr[(fpr >= smallest) & (tpr > 0)]
+        if shown.size:
+            lowest = min(lowest, float(shown.min()))
+        # The curves' markers at one level side by side (log axis: a factor).
+        dodge = np.exp(0.04 * (i - (len(drawn) - 1) / 2)) if intervals else 1.0
+        for level in fpr_levels:
+            y = tpr_at_level(fpr, tpr, level)
+            interval = (intervals or {}).get(name, {}).get(level)
+            if interval is not None:
+                lo, hi = (float(v) for v in interval)
+                positive = [v for v in (lo, y, hi) if v > 0]
+                if positive:
+                    lowest = min(lowest, min(positive))
+                    floor = min(positive)
+                    ax.vlines(level * dodge, max(lo, floor), max(hi, floor), colors=color,
+                              lw=1.2, label=f"_{name} interval at {level:g}")
+            if y > 0:
+                lowest = min(lowest, y)
+                ax.scatter([level * dodge], [y], s=16, color=color, edgecolors="white",
+                           linewidths=0.5, zorder=3, label=f"_{name} at {level:g}")
+    bottom = 0.5 * lowest
+    ax.plot([bottom, 1], [bottom, 1], "k--", lw=0.8, label="chance")
+    for level in fpr_levels:
+        if smallest <= level <= 1:
+            ax.vlines(level, 0, 1, transform=ax.get_xaxis_transform(), colors="gray",
+                      linestyles=":", lw=0.8, label=f"_FPR {level:g}")
+            ax.annotate(f"FPR {level:.1%}".replace(".0%", "%"), (level, 1),
+                        xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="gray")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(smallest, 1)
-    ax.set_ylim(smallest, 1)
+    ax.set_ylim(bottom, 1)
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate")
     if title:
@@ -107,6 +155,42 @@ def plot_disclosure_vs_attack(disclosure, vulnerability, ax: Axes | None = None,
     return ax
 
 
+def plot_disclosure_grid(panels: Mapping[str, tuple], path=None, *, columns: int = 4,
+                         ylabel: str = "mean LiRA score as member") -> Figure:
+    """``plot_disclosure_vs_attack`` per arm, in a grid whose panels share
+    one disclosure axis (the arms compare by eye: an arm that discloses
+    little sits at the left); a panel without enough finite values (no
+    ledger, e.g. DP-SGD without one) says so.
+
+    Args:
+      panels: arm name -> (disclosure, vulnerability), each (N,).
+      path: file to save the figure to.
+      columns: panels per row (at most).
+
+    Returns:
+      The figure.
+    """
+    if not panels:
+        raise ValueError("panels is empty")
+    cols = min(columns, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(3.6 * cols, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, sharex=True, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, (name, (disclosure, vulnerability)) in zip(axes, panels.items()):
+        try:
+            plot_disclosure_vs_attack(disclosure, vulnerability, ax=ax, ylabel=ylabel)
+            ax.set_title(f"{name}\n{ax.get_title()}", fontsize=8)
+        except ValueError as err:             # too few examples with finite values
+            ax.set_title(f"{name}\n{err}", fontsize=7)
+            ax.set_xlabel("disclosure D_j (nats)")
+        ax.tick_params(labelbottom=True)      # every panel keeps its x tick labels
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 class TradeoffPoint(NamedTuple):
     """One arm on a privacy/utility plane.
 
@@ -128,6 +212,103 @@ def _errors(values, intervals) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     intervals = np.asarray(intervals, dtype=np.float64).reshape(-1, 2)
     return np.maximum(0.0, np.stack([values - intervals[:, 0], intervals[:, 1] - values]))
+
+
+def _renderer(fig):
+    """A renderer of ``fig`` with its layout applied (an Agg canvas if it
+    has none that can render)."""
+    if not hasattr(fig.canvas, "get_renderer"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    return fig.canvas.get_renderer()
+
+
+def _overlap(a, b) -> float:
+    """Area of the intersection of two (x0, y0, x1, y1) boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _segment_boxes(p, q, width: float, pieces: int = 8) -> list[tuple]:
+    """Thin boxes along the display segment p-q (an obstacle for labels)."""
+    boxes = []
+    for t0, t1 in zip(np.linspace(0, 1, pieces, endpoint=False), np.linspace(0, 1, pieces + 1)[1:]):
+        a, b = p + t0 * (q - p), p + t1 * (q - p)
+        boxes.append((min(a[0], b[0]) - width, min(a[1], b[1]) - width,
+                      max(a[0], b[0]) + width, max(a[1], b[1]) + width))
+    return boxes
+
+
+# Where a label may go around its point: (dx, dy) directions, in order of
+# preference, at each distance of _LABEL_DISTANCES (points).
+_LABEL_DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+_LABEL_DISTANCES = (4, 9, 15, 22, 30)
+
+
+def place_labels(ax: Axes, labels: Sequence[tuple], obstacles: Sequence[tuple] = (),
+                 *, fontsize: float = 7) -> list:
+    """Annotate points so that no label overlaps another, a marker, an error
+    bar or a curve where a free place is near.
+
+    Args:
+      labels: (x, y, text, color) in data coordinates, one per point.
+      obstacles: extra (x0, y0, x1, y1) boxes in display coordinates.
+
+    Each label tries the eight directions around its point at growing
+    distances (``_LABEL_DIRECTIONS``, ``_LABEL_DISTANCES``) and takes the
+    place that overlaps least with what is drawn and the labels placed
+    before it (outside the axes counts as overlap); a label set off more
+    than a few points gets a thin leader line to its point. Returns the
+    annotations.
+    """
+    fig = ax.figure
+    renderer = _renderer(fig)
+    scale = fig.dpi / 72.0
+    frame = ax.get_window_extent(renderer)
+    frame = (frame.x0, frame.y0, frame.x1, frame.y1)
+    blocked = list(obstacles)
+    to_display = ax.transData.transform
+    for x, y, _, _ in labels:
+        px, py = to_display((x, y))
+        blocked.append((px - 4 * scale, py - 4 * scale, px + 4 * scale, py + 4 * scale))
+    legend = ax.get_legend()
+    if legend is not None:
+        box = legend.get_window_extent(renderer)
+        blocked.append((box.x0, box.y0, box.x1, box.y1))
+    placed = []
+    for x, y, text, color in labels:
+        px, py = to_display((x, y))
+        best = None
+        for rank, distance in enumerate(_LABEL_DISTANCES):
+            for turn, (dx, dy) in enumerate(_LABEL_DIRECTIONS):
+                norm = np.hypot(dx, dy)
+                ox, oy = distance * dx / norm, distance * dy / norm
+                ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+                va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+                ann = ax.annotate(text, (x, y), xytext=(ox, oy), textcoords="offset points",
+                                  ha=ha, va=va, fontsize=fontsize, color=color)
+                box = ann.get_window_extent(renderer)
+                ann.remove()
+                box = (box.x0, box.y0, box.x1, box.y1)
+                area = (box[2] - box[0]) * (box[3] - box[1])
+                cost = sum(_overlap(box, b) for b in blocked)
+                cost += area - _overlap(box, frame)          # outside the axes
+                cost += 0.02 * area * (rank + 0.1 * turn)    # prefer near, then the order
+                if best is None or cost < best[0]:
+                    best = (cost, ox, oy, ha, va, box, distance)
+            if best[0] <= 0.02 * area * (rank + 1):          # free here: stop looking
+                break
+        _, ox, oy, ha, va, box, distance = best
+        arrow = (dict(arrowstyle="-", color=color, lw=0.5, shrinkA=0, shrinkB=2)
+                 if distance > _LABEL_DISTANCES[1] else None)
+        ann = ax.annotate(text, (x, y), xytext=(ox, oy), textcoords="offset points",
+                          ha=ha, va=va, fontsize=fontsize, color=color, arrowprops=arrow)
+        ann.set_in_layout(False)
+        blocked.append(box)
+        placed.append(ann)
+    return placed
 
 
 def plot_tradeoff(families: Mapping[str, Sequence[TradeoffPoint]], ax: Axes | None = None,
@@ -164,19 +345,22 @@ def plot_tradeoff(families: Mapping[str, Sequence[TradeoffPoint]], ax: Axes | No
         if not positive:
             raise ValueError("log_x needs a positive x value")
         floor = 0.5 * min(positive)
+    labels, bars = [], []
     for i, (name, points) in enumerate(families.items()):
         x = np.array([p.x for p in points], np.float64)
         x_interval = np.array([p.x_interval for p in points], np.float64)
         if floor is not None:
             x, x_interval = np.maximum(x, floor), np.maximum(x_interval, floor)
         y = np.array([p.y for p in points], np.float64)
-        ax.errorbar(x, y, xerr=_errors(x, x_interval),
-                    yerr=_errors(y, [p.y_interval for p in points]),
+        y_interval = np.array([p.y_interval for p in points], np.float64)
+        ax.errorbar(x, y, xerr=_errors(x, x_interval), yerr=_errors(y, y_interval),
                     fmt=(markers or {}).get(name, "o") + "-", color=f"C{i % 10}", ms=6,
                     capsize=2, lw=1.2, elinewidth=0.8, label=name)
-        for p, px in zip(points, x):
-            ax.annotate(p.label, (px, p.y), xytext=(4, 4), textcoords="offset points",
-                        fontsize=7, color=f"C{i % 10}")
+        labels += [(px, p.y, p.label, f"C{i % 10}") for p, px in zip(points, x)]
+        # What the labels must not cover: error bars and the curve.
+        bars += [((lo, py), (hi, py)) for (lo, hi), py in zip(x_interval, y)]
+        bars += [((px, lo), (px, hi)) for px, (lo, hi) in zip(x, y_interval)]
+        bars += list(zip(zip(x[:-1], y[:-1]), zip(x[1:], y[1:])))
     if chance is not None:
         ax.axvline(chance, ls="--", c="gray", lw=0.8)
         ax.annotate("chance", (chance, 0), xycoords=("data", "axes fraction"),
@@ -190,6 +374,12 @@ def plot_tradeoff(families: Mapping[str, Sequence[TradeoffPoint]], ax: Axes | No
     if title:
         ax.set_title(title)
     ax.legend(fontsize="small")
+    _renderer(ax.figure)                   # the layout, then the display positions
+    to_display = ax.transData.transform
+    scale = ax.figure.dpi / 72.0
+    obstacles = [box for p, q in bars
+                 for box in _segment_boxes(to_display(p), to_display(q), 1.5 * scale)]
+    place_labels(ax, labels, obstacles)
     if path is not None:
         ax.figure.savefig(path, dpi=150)
     return ax

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from scipy.optimize import least_squares, linear_sum_assignment, minimize_scalar
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -279,7 +279,7 @@ def invert_gradient(
 
     run = jax.jit(lambda carry, n: jax.lax.scan(step, carry, None, n), static_argnums=1)
     carry, trace = (dummy, opt.init(dummy)), []
-    with tqdm(total=int(num_steps), desc="invert_gradient", leave=False) as bar:
+    with progress_bar(total=int(num_steps), desc="invert_gradient", leave=False) as bar:
         done = 0
         while done < num_steps:
             n = min(int(steps_per_call), int(num_steps) - done)

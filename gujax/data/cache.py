@@ -3,7 +3,10 @@
 The key hashes everything that determines the decoded arrays, including a
 fingerprint of the source files (relative path, size, modification time), so
 an edited, added or removed file misses the cache instead of returning stale
-data.
+data. Each entry also stores a checksum of its arrays (``gujax.files.checksum``,
+the ``__checksum__`` member): an entry that is truncated, garbled or whose
+arrays no longer match it is reported in one warning and recomputed, never
+used.
 """
 from __future__ import annotations
 
@@ -11,14 +14,21 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 import warnings
 from typing import Any, Iterable
 
 import numpy as np
 
+from gujax import files
+
 # Bump when the decoded layout changes, so old entries are never read.
-FORMAT_VERSION = 1
+# 2: entries carry the checksum of their arrays.
+FORMAT_VERSION = 2
+_CHECKSUM = "__checksum__"
+
+
+class CacheWarning(UserWarning):
+    """A cache entry could not be used (damaged): it is recomputed."""
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -41,30 +51,37 @@ def cache_key(**fields: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def path_of(cache_dir: pathlib.Path, key: str) -> pathlib.Path:
+    return pathlib.Path(cache_dir) / f"{key}.npz"
+
+
 def read(cache_dir: pathlib.Path, key: str) -> dict[str, np.ndarray] | None:
-    """The arrays stored under ``key``, or None if absent or unreadable."""
-    path = pathlib.Path(cache_dir) / f"{key}.npz"
+    """The arrays stored under ``key``, or None if absent, unreadable or not
+    matching their checksum (one ``CacheWarning`` naming the file; the
+    caller recomputes and rewrites the entry)."""
+    path = path_of(cache_dir, key)
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except Exception as err:  # a half-written or damaged entry: rebuild it
-        warnings.warn(f"ignoring unreadable cache file {path}: {err}")
+        arrays = files.load_npz(path)
+        saved = arrays.pop(_CHECKSUM, None)
+        if saved is None:
+            raise files.CorruptFile(path, "no checksum: cut short, or written by an older gujax")
+        if str(saved) != files.checksum(arrays):
+            raise files.CorruptFile(path, "its arrays do not match their checksum")
+    except files.CorruptFile as err:
+        warnings.warn(f"cache file {path} is damaged ({err.reason}); recomputing it",
+                      CacheWarning, stacklevel=3)
         return None
+    return arrays
 
 
 def write(cache_dir: pathlib.Path, key: str, arrays: dict[str, np.ndarray]) -> pathlib.Path:
-    """Stores ``arrays`` under ``key`` atomically (temp file + rename)."""
+    """Stores ``arrays`` and their checksum under ``key`` atomically (temp
+    file + rename)."""
     cache_dir = pathlib.Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{key}.npz"
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    path = path_of(cache_dir, key)
+    arrays = {name: np.asarray(a) for name, a in arrays.items()}
+    files.save_npz(path, **arrays, **{_CHECKSUM: np.asarray(files.checksum(arrays))})
     return path

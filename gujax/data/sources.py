@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 from gujax.data import cache
 from gujax.data.dataset import Dataset
@@ -189,7 +189,7 @@ def decode_images(paths: list[str]) -> np.ndarray:
     One thread: for small images the per-file cost is Python overhead under
     the GIL, and a thread pool measured slower here (see docs/data.md).
     """
-    arrays = [decode_image(path) for path in tqdm(
+    arrays = [decode_image(path) for path in progress_bar(
         paths, desc="decoding images", disable=len(paths) < _PROGRESS_MIN, leave=False)]
     height, width = arrays[0].shape[:2]
     for path, array in zip(paths, arrays):
@@ -240,16 +240,25 @@ def read_cifar_python(root: pathlib.Path, name: str, split: str) -> Decoded:
     images, labels = [], []
     for file in spec[split]:
         batch = _unpickle(root / file)
-        data = np.asarray(batch[b"data"], np.uint8)
+        data = np.asarray(_entry(batch, b"data", root / file), np.uint8)
         if data.ndim != 2 or data.shape[1] != 3072:
             raise ValueError(f"{root / file}: data must be (N, 3072); got {data.shape}")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[spec["labels_key"]], np.int32))
+        labels.append(np.asarray(_entry(batch, spec["labels_key"], root / file), np.int32))
         if len(labels[-1]) != len(images[-1]):
             raise ValueError(f"{root / file}: {len(images[-1])} images but {len(labels[-1])} labels")
     meta = _unpickle(root / spec["meta"])
-    names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec["names_key"]])
+    names = tuple(n.decode() if isinstance(n, bytes) else str(n)
+                  for n in _entry(meta, spec["names_key"], root / spec["meta"]))
     return Decoded(np.concatenate(images), np.concatenate(labels), names)
+
+
+def _entry(batch, key: bytes, path: pathlib.Path):
+    """``batch[key]`` of an unpickled CIFAR file, or a ValueError naming the file."""
+    if not isinstance(batch, dict) or key not in batch:
+        raise ValueError(f"cannot read CIFAR batch file {path}: it holds no {key.decode()!r} "
+                         "entry (not a CIFAR python batch, or damaged)")
+    return batch[key]
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -288,15 +297,22 @@ def read_tfds(source) -> Decoded:
     n = len(source)
     if n == 0:
         raise ValueError(f"TFDS split {source.split!r} is empty")
-    first = source[0]
-    images = np.empty((n, *np.shape(first["image"])), np.uint8)
-    labels = np.empty((n,), np.int32)
-    for i in tqdm(range(n), desc=f"reading TFDS {source.dataset_info.name}",
-                  disable=n < _PROGRESS_MIN, leave=False):
-        item = first if i == 0 else source[i]
-        images[i] = item["image"]
-        labels[i] = item["label"]
-    names = tuple(source.dataset_info.features["label"].names)
+    i = 0
+    try:
+        first = source[0]
+        images = np.empty((n, *np.shape(first["image"])), np.uint8)
+        labels = np.empty((n,), np.int32)
+        for i in progress_bar(range(n), desc=f"reading TFDS {source.dataset_info.name}",
+                              disable=n < _PROGRESS_MIN, leave=False):
+            item = first if i == 0 else source[i]
+            images[i] = item["image"]
+            labels[i] = item["label"]
+        names = tuple(source.dataset_info.features["label"].names)
+    except Exception as err:  # a damaged record file: name the files behind the split
+        where = ", ".join(str(p) for p in tfds_files(source)) or source.dataset_info.data_dir
+        reason = " ".join(str(err).split())[:100]
+        raise ValueError(f"cannot decode record {i} of TFDS {source.dataset_info.name} split "
+                         f"{source.split!r} ({where}): {type(err).__name__}: {reason}") from None
     return Decoded(images, labels, names)
 
 
@@ -311,7 +327,7 @@ def _dataset(decoded: Decoded, name: str, split: str) -> Dataset:
 
 def _cached(cache_dir, key: str, read) -> Decoded:
     hit = cache.read(cache_dir, key)
-    if hit is not None:
+    if hit is not None and {"images", "labels", "class_names"} <= set(hit):
         return Decoded(hit["images"], hit["labels"], tuple(str(c) for c in hit["class_names"]))
     decoded = read()
     cache.write(cache_dir, key, {"images": decoded.images, "labels": decoded.labels,

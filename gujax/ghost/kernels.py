@@ -48,6 +48,19 @@ def _cast(a: jax.Array, dtype) -> jax.Array:
     return a if dtype is None else a.astype(dtype)
 
 
+def _accumulation_dtype(tape: Tape, dtype):
+    """``dtype``, or float32 where it is None and the tape holds floating
+    arrays narrower than float32 (a float16/bfloat16 model): K and the
+    squared norms are accumulated in float32, as ``gujax.gram`` does."""
+    if dtype is not None:
+        return dtype
+    leaves = jax.tree_util.tree_leaves((tape.losses, tape.inputs, tape.out_grads,
+                                        tape.local_grads, tape.fallback_grads))
+    half = any(jnp.issubdtype(a.dtype, jnp.floating) and jnp.finfo(a.dtype).bits < 32
+               for a in leaves)
+    return jnp.float32 if half else None
+
+
 def _materialised(factors: Factors, dtype) -> jax.Array:
     """(B, G, d_in, d_out) per-example weight gradients X_j^T D_j per group."""
     x, d = _cast(factors.x, dtype), _cast(factors.d, dtype)
@@ -159,7 +172,10 @@ def tape_gram_keeping_grads(tape: Tape, *, dtype=None) -> tuple[jax.Array, dict]
     Gram was taken from them (where materialising is cheaper than the ghost
     kernel, e.g. transformer Dense layers at T = 64, convolutions). Hand
     ``kept`` to ``tape_weighted_grad`` so the update sums them instead of
-    pulling the weighted output gradients back through those layers again."""
+    pulling the weighted output gradients back through those layers again.
+    A half-precision model (float16, bfloat16) is accumulated in float32
+    when ``dtype`` is None (``kept`` then holds float32 gradients)."""
+    dtype = _accumulation_dtype(tape, dtype)
     n = tape.losses.shape[0]
     k = jnp.zeros((n, n), dtype or tape.losses.dtype)
     kept = {}
@@ -179,7 +195,9 @@ def tape_gram_keeping_grads(tape: Tape, *, dtype=None) -> tuple[jax.Array, dict]
 
 
 def tape_sq_norms(tape: Tape, *, dtype=None) -> jax.Array:
-    """(B,) squared per-example gradient norms ||g_j||^2 over all parameters."""
+    """(B,) squared per-example gradient norms ||g_j||^2 over all parameters
+    (float32 for a half-precision model when ``dtype`` is None)."""
+    dtype = _accumulation_dtype(tape, dtype)
     n = tape.losses.shape[0]
     sq = jnp.zeros((n,), dtype or tape.losses.dtype)
     for layer in tape.plan.layers:

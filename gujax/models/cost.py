@@ -18,7 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 from gujax.grads import per_example_grads
 from gujax.models.cnn import SmallCNN
@@ -90,7 +90,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     results = {}
-    for name, (model, example, target_shape) in tqdm(default_configs().items(), desc="models"):
+    for name, (model, example, target_shape) in progress_bar(default_configs().items(),
+                                                             desc="models"):
         results[name] = measure(model, example, target_shape, repeats=args.repeats)
     print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind}")
     print("| model | parameters | forward GFLOPs / example | forward ms / example (B=64) "

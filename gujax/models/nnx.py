@@ -1,5 +1,8 @@
 """Flax NNX versions of the gujax models, by bridge: one source of truth.
 
+Import ``to_nnx`` from ``gujax.models`` (its public path); this module is
+where it is implemented.
+
 Each gujax model is written once, in Linen (``gujax.models``);
 ``to_nnx(model, example)`` wraps it as an ``nnx.Module``
 (``flax.nnx.bridge.ToNNX``, parameters initialised from ``seed``), which
