@@ -434,8 +434,9 @@ class ArmRun(NamedTuple):
     params: the trained parameters. ledger: the run's ``Ledger`` (None for
     a kind that keeps none). noise_multiplier, epsilon: the sigma the run's
     noise was drawn with and its accounted epsilon (DP kinds; else None).
-    history, snapshots: as ``gujax.train.TrainResult``. stage_state: the
-    run's final stage state. config: the run's ``TrainConfig``.
+    history, snapshots, iterates: as ``gujax.train.TrainResult``.
+    stage_state: the run's final stage state. config: the run's
+    ``TrainConfig``.
     """
     params: PyTree
     ledger: Ledger | None
@@ -445,6 +446,7 @@ class ArmRun(NamedTuple):
     snapshots: dict
     stage_state: Any
     config: Any
+    iterates: Any = None
 
 
 def _train_size(data) -> int:
@@ -461,7 +463,8 @@ def train_runs(arm: Arm, runs: Sequence[TrainingRun], config, *, model=None,
                loss_fn: Callable | None = None, num_examples: int | None = None,
                method: str = "ghost", dtype: Any = None, eval_data=None,
                workdir: str | None = None, resume: bool = True,
-               snapshot_epochs: Sequence[int] = (), mesh=None) -> list[ArmRun]:
+               snapshot_epochs: Sequence[int] = (), mesh=None,
+               observe: Callable | None = None) -> list[ArmRun]:
     """Train the runs of ``arm`` together; one ``ArmRun`` per run, in order.
 
     The one way an arm is trained: the stage (engine ``method``, "ghost" or
@@ -480,7 +483,7 @@ def train_runs(arm: Arm, runs: Sequence[TrainingRun], config, *, model=None,
         default the largest id + 1 over the runs. Shadow models pass the
         pool size, ids being pool positions.
       dtype: the Gram matrix's and GNQ solve's dtype.
-      eval_data, workdir, resume, snapshot_epochs, mesh: as
+      eval_data, workdir, resume, snapshot_epochs, mesh, observe: as
         ``gujax.train.train_stacked``.
     """
     from gujax.train import softmax_cross_entropy, train_stacked  # train imports engine
@@ -520,7 +523,7 @@ def train_runs(arm: Arm, runs: Sequence[TrainingRun], config, *, model=None,
                             stage_states=states, data=[r.data for r in runs],
                             configs=configs, model=model, eval_data=eval_data,
                             workdir=workdir, resume=resume, snapshot_epochs=snapshot_epochs,
-                            mesh=mesh)
+                            mesh=mesh, observe=observe)
     return [ArmRun(res.params, ledger(res.stage_state), sigma, eps, res.history,
-                   dict(res.snapshots or {}), res.stage_state, cfg)
+                   dict(res.snapshots or {}), res.stage_state, cfg, res.iterates)
             for res, (sigma, eps), cfg in zip(results, accounted, configs)]

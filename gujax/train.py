@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 from gujax import checks
 from gujax import workdir as workdir_files
@@ -65,7 +65,7 @@ class TrainConfig:
     augment: optional ``augment(key, images (B,H,W,C) float32) -> images``,
       applied inside the jitted step with a key derived from (seed, step).
     chunk_size: passed to ``per_example_grads`` (bounds memory).
-    progress: show a tqdm progress bar.
+    progress: show a progress bar over the steps (``gujax.progress``).
     eval_batch_size: evaluation batch size.
     """
     epochs: int = 1
@@ -116,6 +116,7 @@ class TrainResult(NamedTuple):
     stage_state: PyTree  # the stage's state (the policy's: ledger, noise key)
     history: list[dict]       # one record per evaluation (see ``train``)
     snapshots: dict | None = None  # epoch -> params, for ``snapshot_epochs``
+    iterates: PyTree | None = None  # observe(params) after every step, leading axis T
 
 
 # ----------------------------------------------------------------------------
@@ -349,7 +350,7 @@ def _check_snapshot_epochs(epochs, config: TrainConfig) -> tuple[int, ...]:
 
 def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainConfig],
          stage: Stage, stage_states, model, eval_data, workdir, resume, snapshot_epochs,
-         stacked: bool, mesh) -> list[TrainResult]:
+         stacked: bool, mesh, observe: Callable | None = None) -> list[TrainResult]:
     """The loop behind ``train`` (one run, ``stacked=False``) and ``train_stacked``."""
     runs = len(params)
     if runs == 0 or not (len(data) == len(configs) == runs):
@@ -380,6 +381,13 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
     state = place(_stack([TrainState(jnp.zeros((), jnp.int32), p, s, optimizer.init(p))
                           for p, s in zip(params, stage_states)]))
     keys = place(keys)
+
+    if observe is not None and workdir is not None:
+        # The observed iterates live in memory only: a resumed run would
+        # return those of its last part alone.
+        raise ValueError("observe needs workdir=None (iterates are not checkpointed)")
+    watch = None if observe is None else jax.jit(jax.vmap(observe))
+    observed = []
 
     history: list[dict] = []
     manager = None
@@ -417,8 +425,9 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
     total = int(totals.max())
     start = int(jnp.max(state.step))
     pending = []
-    for step in tqdm(range(start, total), initial=start, total=total,
-                     disable=not config.progress, desc=f"train x{runs}" if stacked else "train"):
+    for step in progress_bar(range(start, total), initial=start, total=total,
+                             disable=not config.progress,
+                             desc=f"train x{runs}" if stacked else "train"):
         drawn = [sample(step) for sample in samplers]
         size = max(len(rows) for rows, _ in drawn)
         drawn = [_pad_batch(rows, mask, size) for rows, mask in drawn]
@@ -426,6 +435,8 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
         batch["mask"] = place(np.stack([mask for _, mask in drawn]))
         active = step < totals
         state, metrics = step_fn(state, batch, keys, active)
+        if watch is not None:
+            observed.append(watch(state.params))
         pending.append((step, active, metrics))
         ends = {int(m): divmod(step + 1, per_epoch[m]) for m in np.flatnonzero(active)}
         ends = {m: epoch for m, (epoch, into) in ends.items() if into == 0}
@@ -450,10 +461,15 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
         if checkpoint:
             workdir_files.save_checkpoint(manager, step + 1, state)
     workdir_files.close(manager)
+    iterates = [None] * runs
+    if watch is not None:
+        observed = jax.device_get(observed)
+        iterates = [jax.tree_util.tree_map(lambda *xs: np.stack([x[m] for x in xs]),
+                                           *observed[:int(totals[m])]) for m in range(runs)]
     return [TrainResult(_unstack(state.params, m), _unstack(state.stage_state, m),
                         [{k: v for k, v in r.items() if k != "run"}
                          for r in history if r["run"] == m],
-                        snapshots.taken[m])
+                        snapshots.taken[m], iterates[m])
             for m in range(runs)]
 
 
@@ -503,7 +519,8 @@ def train_stacked(*, params: Sequence[PyTree], data: Sequence, configs: Sequence
                   aggregator: optax.GradientTransformationExtraArgs | None = None,
                   stage_states: Sequence | None = None, model=None, loss_fn=None,
                   eval_data=None, workdir: str | None = None, resume: bool = True,
-                  snapshot_epochs: Sequence[int] = (), mesh=None) -> list[TrainResult]:
+                  snapshot_epochs: Sequence[int] = (), mesh=None,
+                  observe: Callable | None = None) -> list[TrainResult]:
     """Train M independent runs at once, one jitted step vmapped over the runs.
 
     Small models leave a CPU (or an accelerator) mostly idle between the
@@ -535,6 +552,10 @@ def train_stacked(*, params: Sequence[PyTree], data: Sequence, configs: Sequence
         so each device steps its own runs and the models are those of an
         unsharded call to rounding (tests/test_multidevice.py). None: the
         default device.
+      observe: ``observe(params) -> pytree``, applied after every step: each
+        result's ``iterates`` stacks its run's observations over its T steps
+        (leading axis T). The all-iterates view of a white-box auditor
+        (``gujax.audit.whitebox``); needs ``workdir=None``.
 
     Returns:
       M ``TrainResult``s, in the order of the runs.
@@ -545,4 +566,5 @@ def train_stacked(*, params: Sequence[PyTree], data: Sequence, configs: Sequence
     stage = _resolve_stage(stage, aggregator, model, loss_fn, configs[0])
     return _run(params=params, data=data, configs=configs, stage=stage,
                 stage_states=stage_states, model=model, eval_data=eval_data, workdir=workdir,
-                resume=resume, snapshot_epochs=snapshot_epochs, stacked=True, mesh=mesh)
+                resume=resume, snapshot_epochs=snapshot_epochs, stacked=True, mesh=mesh,
+                observe=observe)

@@ -133,6 +133,66 @@ def mislabelled_canaries(source: Dataset, num: int, *, seed: int, copies: int = 
                      source_ids=source.ids[pick].copy())
 
 
+def canary_copies(canaries: CanarySet, copies: int, *, near: bool = False, seed: int = 0,
+                  shift: int = 1, noise: float = 8.0, flip: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows of the adaptive canary families: ``copies`` = k rows
+    per canary, canary i's rows at i k .. i k + k - 1 (to enter a pool as one
+    group that is IN or OUT together), copy 0 the canary itself.
+
+    near=False: duplicated canaries, the k rows identical (distinct ids are
+      the pool positions they take).
+    near=True: a near-duplicate cluster: copies 1..k-1 are small random
+      perturbations of the canary, each with its label: for uint8 images a
+      shift by up to ``shift`` pixels along each image axis (zero fill), a
+      horizontal flip with probability 1/2 when ``flip`` (off by default: a
+      mirrored digit is another digit), then Gaussian pixel noise of standard
+      deviation ``noise`` (pixel units, clipped to [0, 255]); for float
+      features (a featurised source) Gaussian noise of ``noise / 255`` times
+      the canary's own feature standard deviation (a shift or flip has no
+      meaning in feature space). The copies' gradients are near-parallel, so
+      in a batch holding several of them each one's GNQ (the part the rest of
+      the batch does not explain) is small, while together they teach the
+      model the wrong label.
+
+    Returns (images (n k, ...), labels (n k,) int32).
+    """
+    checks.positive_int(copies, "copies")
+    checks.seed(seed)
+    if shift < 0 or noise < 0:
+        raise ValueError(f"shift and noise must be >= 0, got {shift} and {noise}")
+    images = np.repeat(canaries.images, copies, axis=0)
+    labels = np.repeat(canaries.labels, copies).astype(np.int32)
+    if not near or copies == 1:
+        return images, labels
+    rng = np.random.default_rng(seed)
+    perturbed = np.flatnonzero(np.arange(len(images)) % copies != 0)
+    if images.dtype == np.uint8:
+        out = images.astype(np.float64)
+        for row in perturbed:
+            x = out[row]
+            dy, dx = rng.integers(-shift, shift + 1, size=2)
+            x = np.roll(x, (dy, dx), axis=(0, 1))
+            if dy > 0:
+                x[:dy] = 0
+            elif dy < 0:
+                x[dy:] = 0
+            if dx > 0:
+                x[:, :dx] = 0
+            elif dx < 0:
+                x[:, dx:] = 0
+            if flip and rng.random() < 0.5:
+                x = x[:, ::-1]
+            out[row] = x + rng.normal(0.0, noise, size=x.shape)
+        images = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    else:
+        scale = images[perturbed].reshape(len(perturbed), -1).std(1)
+        images = images.copy()
+        images[perturbed] += (rng.normal(size=images[perturbed].shape)
+                              * (noise / 255.0 * scale)[:, None, None, None]).astype(images.dtype)
+    return images, labels
+
+
 def ood_canaries(image_shape: Sequence[int], num: int, num_classes: int, *, seed: int,
                  copies: int = 1, label: int | None = None) -> CanarySet:
     """``num`` images of uniform uint8 noise of ``image_shape`` (H, W, C),

@@ -96,3 +96,35 @@ def shadow_membership(num_examples: int, num_models: int, seed: int, *,
     # argsort of iid uniforms along the model axis is a uniform random
     # permutation per example; its first half is that example's IN set.
     return np.argsort(uniforms, axis=0) < num_models // 2
+
+
+def canary_membership_design(groups, num_models: int, seed: int) -> np.ndarray:
+    """The canary protocol's masks (Aerni, Zhang & Tramer 2024): rows of group
+    -1 (the base set) IN in every model; every canary group IN in exactly
+    half of the models, the rows of a group (one canary's copies) together.
+
+    Args:
+      groups: (N,) int, the group of each pool row, -1 for the always-in
+        rows, groups 0..G-1 for the canary rows (``ShadowSpec.groups``).
+      num_models: M >= 2, even.
+      seed: non-negative integer; the group masks are
+        ``shadow_membership(G, M, seed, balanced=True)``.
+
+    Returns:
+      (M, N) bool; column j is True everywhere for a base row and equal to
+      its group's balanced column for a canary row.
+    """
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or groups.size == 0 or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"groups must be a non-empty 1-D integer array, got {groups.shape} "
+                         f"{groups.dtype}")
+    canary = groups >= 0
+    if np.any(groups < -1):
+        raise ValueError("groups must be -1 (always in) or a group index >= 0")
+    num_groups = int(groups.max()) + 1 if canary.any() else 0
+    if num_groups == 0:
+        raise ValueError("no canary row (every group is -1)")
+    if len(np.unique(groups[canary])) != num_groups:
+        raise ValueError(f"canary groups must be 0..{num_groups - 1}, each with a row")
+    by_group = shadow_membership(num_groups, num_models, seed, balanced=True)
+    return np.where(canary[None, :], by_group[:, np.maximum(groups, 0)], True)

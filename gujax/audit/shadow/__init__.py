@@ -25,11 +25,12 @@ anything is trained or written.
 from __future__ import annotations
 
 import jax
-from tqdm.auto import tqdm
+from gujax.progress import progress_bar
 
 from gujax import checks, sharding
 from gujax.arms import Arm
-from gujax.audit.shadow.attacks import ShadowAudit, attack, mean_over_members
+from gujax.audit.shadow.attacks import (CanaryAudit, ShadowAudit, attack, canary_evaluation,
+                                        group_scores, mean_over_members)
 from gujax.audit.shadow.record import (AUGMENTATIONS, ShadowModel, ShadowRecord,
                                        ShadowSpec)
 from gujax.audit.shadow.storage import (ResumeMismatch, ShadowStore, check_resume, identity,
@@ -37,8 +38,8 @@ from gujax.audit.shadow.storage import (ResumeMismatch, ShadowStore, check_resum
 from gujax.audit.shadow.training import ShadowTrainer, check_run
 from gujax.data.dataset import Dataset
 
-__all__ = ["AUGMENTATIONS", "ResumeMismatch", "ShadowAudit", "ShadowModel", "ShadowRecord",
-           "ShadowSpec", "attack", "audit_arm", "check_shadow_run", "load_shadow_record",
+__all__ = ["AUGMENTATIONS", "CanaryAudit", "ResumeMismatch", "ShadowAudit", "ShadowModel", "ShadowRecord",
+           "ShadowSpec", "attack", "audit_arm", "canary_evaluation", "group_scores", "check_shadow_run", "load_shadow_record",
            "mean_over_members", "run_shadow_models"]
 
 
@@ -120,8 +121,8 @@ def run_shadow_models(arm: Arm | ShadowSpec, *, pool: Dataset, population: Datas
                                   process_count=count)
     todo = [m for m in mine if m not in done]
     trained = {}
-    with tqdm(desc=f"shadow models [{spec.arm.name}]", disable=not progress,
-              initial=len(mine) - len(todo), total=len(mine)) as bar:
+    with progress_bar(desc=f"shadow models [{spec.arm.name}]", disable=not progress, unit="model",
+                      initial=len(mine) - len(todo), total=len(mine)) as bar:
         for i in range(0, len(todo), models_at_once):
             group = todo[i:i + models_at_once]
             bar.set_postfix_str(f"training {_models(group)}")

@@ -36,6 +36,17 @@ class ShadowSpec:
     method: gradient engine, "ghost" or "explicit"
       (``gujax.arms.train_runs``; not part of the run's identity: both
       engines train the same models to rounding).
+    always_in: the canary protocol (Aerni, Zhang & Tramer 2024): the first
+      ``always_in`` pool rows (the base set) are IN in every model, and only
+      the remaining rows (the canaries) vary. 0 (the default): the
+      population protocol, every row an independent Bernoulli(1/2).
+    canary_groups: the canary rows after the base set, as blocks
+      ((count, size), ...): ``count`` groups of ``size`` consecutive rows,
+      the rows of a group IN or OUT together (a canary's copies). () = each
+      canary row its own group. Under the canary protocol (``always_in`` > 0
+      or ``canary_groups`` given) every group is IN in exactly half of the
+      models (balanced: ``gujax.data.splits.canary_membership_design``), so
+      ``num_models`` must be even.
     """
     arm: Arm
     model: Any
@@ -44,10 +55,24 @@ class ShadowSpec:
     seed: int = 0
     augmentations: tuple[str, ...] = ("identity", "flip")
     method: str = "ghost"
+    always_in: int = 0
+    canary_groups: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         checks.positive_int(self.num_models, "num_models (each target needs shadows)",
                             minimum=2)
+        if isinstance(self.always_in, bool) or not isinstance(self.always_in, (int, np.integer)) \
+                or self.always_in < 0:
+            raise ValueError(f"always_in must be an integer >= 0, got {self.always_in!r}")
+        object.__setattr__(self, "always_in", int(self.always_in))
+        blocks = tuple((int(c), int(k)) for c, k in self.canary_groups)
+        if any(c < 1 or k < 1 for c, k in blocks):
+            raise ValueError(f"canary_groups must be (count >= 1, size >= 1) blocks, got "
+                             f"{list(self.canary_groups)}")
+        object.__setattr__(self, "canary_groups", blocks)
+        if self.canary_protocol and self.num_models % 2:
+            raise ValueError(f"the canary protocol puts each canary IN in exactly half of the "
+                             f"models: num_models must be even, got {self.num_models}")
         object.__setattr__(self, "augmentations", checks.subset(
             self.augmentations, tuple(sorted(AUGMENTATIONS)), "augmentations"))
 
@@ -60,6 +85,38 @@ class ShadowSpec:
                                 f"the other (dataclasses.replace(spec, ...) to change it)")
             return arm
         return cls(arm, **fields)
+
+    @property
+    def canary_protocol(self) -> bool:
+        """Base set always IN, balanced canary groups (see the fields)."""
+        return self.always_in > 0 or bool(self.canary_groups)
+
+    def groups(self, num_rows: int) -> np.ndarray | None:
+        """(num_rows,) int64: the canary group of each pool row, -1 for the
+        always-in rows; None outside the canary protocol. ``ValueError`` if
+        the blocks do not cover the rows after the base set exactly."""
+        if not self.canary_protocol:
+            return None
+        return canary_group_index(self.always_in, self.canary_groups, num_rows)
+
+
+def canary_group_index(always_in: int, canary_groups, num_rows: int) -> np.ndarray:
+    """(num_rows,) int64 group of each row of a canary-protocol pool: -1 for
+    the first ``always_in`` rows, then ``canary_groups`` blocks ((count,
+    size), ...; () = one row per group). ``ValueError`` unless the blocks
+    cover the rows after the base set exactly."""
+    canaries = num_rows - always_in
+    if canaries < 1:
+        raise ValueError(f"always_in ({always_in}) leaves no canary in the "
+                         f"{num_rows}-row pool")
+    blocks = tuple(canary_groups) or ((canaries, 1),)
+    covered = sum(c * k for c, k in blocks)
+    if covered != canaries:
+        raise ValueError(f"canary_groups cover {covered} rows, but the pool holds "
+                         f"{canaries} rows after the {always_in} always-in ones")
+    sizes = np.concatenate([np.full(c, k, np.int64) for c, k in blocks])
+    return np.concatenate([np.full(always_in, -1, np.int64),
+                           np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)])
 
 
 # The arrays a model's .npz holds, and their dtypes.
@@ -100,6 +157,9 @@ class ShadowRecord(NamedTuple):
       wall_seconds (M,): training time of each model (s), compilation included.
       noise_multiplier, epsilon (M,): DP-SGD's sigma and accounted epsilon
         (NaN for arms without them).
+      groups (N,) int64 or None: the canary protocol's group of each row, -1
+        for the always-in base rows (``ShadowSpec.groups``); None under the
+        population protocol.
     """
     arm: dict
     pool_ids: np.ndarray
@@ -118,10 +178,12 @@ class ShadowRecord(NamedTuple):
     wall_seconds: np.ndarray
     noise_multiplier: np.ndarray
     epsilon: np.ndarray
+    groups: np.ndarray | None = None
 
 
 def assemble_record(models: Sequence[ShadowModel], *, arm: dict, augmentations,
-                    pool: Dataset, population: Dataset, in_mask: np.ndarray) -> ShadowRecord:
+                    pool: Dataset, population: Dataset, in_mask: np.ndarray,
+                    groups: np.ndarray | None = None) -> ShadowRecord:
     """Stack models 0..M-1 (in that order) into a ``ShadowRecord``."""
     def stack(key):
         return np.stack([m.arrays[key] for m in models])
@@ -133,7 +195,7 @@ def assemble_record(models: Sequence[ShadowModel], *, arm: dict, augmentations,
     return ShadowRecord(
         arm=arm, pool_ids=pool.ids, pool_labels=pool.labels,
         population_labels=population.labels, augmentations=tuple(augmentations),
-        in_mask=np.asarray(in_mask, bool),
+        in_mask=np.asarray(in_mask, bool), groups=groups,
         **{key: stack(key) for key in MODEL_ARRAYS},
         **{key: column(key) for key in ("train_accuracy", "test_accuracy", "wall_seconds",
                                         "noise_multiplier", "epsilon")})

@@ -26,8 +26,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from gujax import files
 from gujax.audit.shadow.record import (MODEL_ARRAYS, ShadowModel, ShadowRecord, ShadowSpec,
-                                       assemble_record)
+                                       assemble_record, canary_group_index)
 from gujax.data.dataset import Dataset
 
 MANIFEST = "shadow.json"
@@ -51,7 +52,18 @@ def identity(spec: ShadowSpec, pool: Dataset, population: Dataset) -> dict:
         "population": {"name": population.name, "split": population.split,
                        "size": len(population),
                        "fingerprint": _fingerprint(population.ids, population.labels)}}
+    if spec.canary_protocol:     # absent otherwise: earlier runs keep their identity
+        record["always_in"] = spec.always_in
+        record["canary_groups"] = [list(b) for b in spec.canary_groups]
     return json.loads(json.dumps(record))
+
+
+def _groups_of(identity: dict, num_rows: int) -> np.ndarray | None:
+    """The canary groups a run's identity describes (None: population protocol)."""
+    if "always_in" not in identity:
+        return None
+    return canary_group_index(identity["always_in"],
+                              [tuple(b) for b in identity["canary_groups"]], num_rows)
 
 
 _ABSENT = object()
@@ -89,11 +101,14 @@ def check_resume(workdir: str, identity: dict) -> None:
     manifest = os.path.join(workdir, MANIFEST)
     if not os.path.exists(manifest):
         return
-    with open(manifest) as f:
-        saved = json.load(f)
+    saved = files.read_json(manifest, _manifest_remedy(workdir))
     changed = _differences(saved, identity)
     if changed:
         raise ResumeMismatch(workdir, changed)
+
+
+def _manifest_remedy(workdir: str) -> str:
+    return f"delete {workdir} (its models are then trained again)"
 
 
 def _save_atomic(path: str, mode: str, write: Callable) -> None:
@@ -108,8 +123,8 @@ class ShadowStore:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        with open(os.path.join(workdir, MANIFEST)) as f:
-            self.identity = json.load(f)
+        self.identity = files.read_json(os.path.join(workdir, MANIFEST),
+                                        _manifest_remedy(workdir))
 
     @classmethod
     def open(cls, workdir: str, identity: dict, *, resume: bool) -> ShadowStore:
@@ -128,8 +143,7 @@ class ShadowStore:
                 if name.startswith(("model_", "training_")):
                     path = os.path.join(workdir, name)
                     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        with open(manifest, "w") as f:
-            json.dump(identity, f, indent=1)
+        files.write_json(manifest, identity, indent=1)
         return cls(workdir)
 
     @property
@@ -141,7 +155,10 @@ class ShadowStore:
 
     def finished(self) -> list[int]:
         """The models whose files are complete."""
-        return [m for m in range(self.num_models) if os.path.exists(self._stem(m) + ".npz")]
+        return [m for m in range(self.num_models) if self._done(m)]
+
+    def _done(self, m: int) -> bool:
+        return all(os.path.exists(self._stem(m) + ext) for ext in (".npz", ".json"))
 
     def save(self, m: int, model: ShadowModel) -> None:
         """Write model m: its summary, then (marking it done) its arrays."""
@@ -151,8 +168,9 @@ class ShadowStore:
 
     def load(self, m: int) -> ShadowModel:
         stem = self._stem(m)
-        with np.load(stem + ".npz") as arrays, open(stem + ".json") as summary:
-            return ShadowModel({k: arrays[k] for k in MODEL_ARRAYS}, json.load(summary))
+        remedy = f"delete {stem}.npz (that model is then trained again)"
+        return ShadowModel(files.load_npz(stem + ".npz", remedy, names=tuple(MODEL_ARRAYS)),
+                           files.read_json(stem + ".json", remedy))
 
     @contextlib.contextmanager
     def training(self, models: Sequence[int], *, share: tuple[int, int] = (0, 1)
@@ -182,14 +200,15 @@ class ShadowStore:
         """The run's record from ``models`` (m -> model, e.g. those trained by
         this call), the other models read from disk (all must be finished)."""
         missing = [m for m in range(self.num_models)
-                   if m not in models and not os.path.exists(self._stem(m) + ".npz")]
+                   if m not in models and not self._done(m)]
         if missing:
             raise ValueError(f"{len(missing)} shadow models are not finished in "
                              f"{self.workdir}")
         every = [models[m] if m in models else self.load(m) for m in range(self.num_models)]
         return assemble_record(every, arm=self.identity["arm"],
                                augmentations=self.identity["augmentations"], pool=pool,
-                               population=population, in_mask=in_mask)
+                               population=population, in_mask=in_mask,
+                               groups=_groups_of(self.identity, len(pool)))
 
 
 def load_shadow_record(workdir: str, *, pool: Dataset, population: Dataset,

@@ -4,7 +4,10 @@ models trained together and the logits they are queried for.
 Membership is drawn independently: each model takes each pool example with
 probability 1/2 (``shadow_membership(..., balanced=False)``), so the shadow
 group sizes carry no information about the target's membership
-(docs/audit.md, "Shadow masks").
+(docs/audit.md, "Shadow masks"). Under the canary protocol
+(``ShadowSpec.always_in`` / ``canary_groups``) the base rows are IN in every
+model and each canary group IN in exactly half of them
+(``canary_membership_design``), as Aerni, Zhang & Tramer (2024) do.
 
 ``_fit_group`` trains a group through ``gujax.arms.train_runs``, the one way
 an arm's runs are trained.
@@ -22,7 +25,7 @@ import numpy as np
 from gujax.arms import TrainingRun, train_runs
 from gujax.audit.shadow.record import AUGMENTATIONS, ShadowModel, ShadowSpec
 from gujax.data.dataset import Dataset, model_inputs
-from gujax.data.splits import shadow_membership
+from gujax.data.splits import canary_membership_design, shadow_membership
 from gujax.sharding import run_mesh
 
 
@@ -38,7 +41,11 @@ def check_data(pool: Dataset, population: Dataset) -> None:
 
 
 def membership(spec: ShadowSpec, pool: Dataset) -> np.ndarray:
-    """(M, N) bool: independent Bernoulli(1/2) membership (module docstring)."""
+    """(M, N) bool: independent Bernoulli(1/2) membership, or the canary
+    protocol's design (module docstring)."""
+    groups = spec.groups(len(pool))
+    if groups is not None:
+        return canary_membership_design(groups, spec.num_models, spec.seed)
     return shadow_membership(len(pool), spec.num_models, spec.seed, balanced=False)
 
 
