@@ -234,6 +234,25 @@ def test_cifar_python_refuses_arbitrary_pickles(tmp_path):
         gd.load("cifar10", "train", data_dir=root, cache_dir=tmp_path / "cache")
 
 
+@pytest.mark.parametrize("bad", [15, -1])
+def test_labels_out_of_range_are_refused_where_the_data_enters(tmp_path, bad):
+    """A label outside [0, num_classes) gives a NaN (15) or a wrong finite
+    (-1) loss with finite gradients downstream; the loader refuses it."""
+    root = tmp_path / "cifar"
+    _write_cifar_python(root, "cifar10")
+    with open(root / "data_batch_2", "rb") as f:
+        batch = pickle.load(f)
+    batch[b"labels"][1] = bad
+    with open(root / "data_batch_2", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    with pytest.raises(ValueError, match=rf"must lie in \[0, 10\); got \[{bad}\] at rows \[4\]"):
+        gd.load("cifar10", "train", data_dir=root, cache_dir=tmp_path / "cache")
+    images = np.zeros((3, 4, 4, 1), np.uint8)
+    with pytest.raises(ValueError, match="must lie in"):
+        gd.Dataset(images, np.array([0, bad, 1], np.int32), np.arange(3, dtype=np.int64),
+                   class_names=("a", "b", "c"), name="toy", split="train")
+
+
 # ----------------------------------------------------------------------------- TFDS
 
 @pytest.fixture
