@@ -310,12 +310,15 @@ def test_snapshot_files_are_named(tmp_path):
         workdir_files.Snapshots(str(tmp_path), 1).restore((1,), [1], {"w": np.ones(3)})
 
 
-def test_audit_arm_record_is_named(tmp_path):
+def test_a_finished_arm_record_that_is_damaged_is_named(tmp_path):
+    """The record a resumed audit_epsilon / vulnerable run keeps per arm."""
     path = tmp_path / "arm.json"
     path.write_text('{"not": "an arm"}')
     with pytest.raises(files.CorruptFile, match=r"arm\.json is damaged .*that arm is then "
                                                 r"trained again"):
-        audit_epsilon._finished_arm(str(path))
+        cli.finished_arm(str(path), f"delete {path} (that arm is then trained again)")
+    path.write_text('[{"arm": "sgd"}, []]')
+    assert cli.finished_arm(str(path), "-") == ({"arm": "sgd"}, [])
 
 
 def _cache_warnings(record):
