@@ -297,6 +297,11 @@ class Experiment:
     results_name: outputs default to results/<results_name>-<preset>
       (default ``name``).
     resumable: offer --resume (keep finished work in --out).
+    arms_apart: every arm is trained, stored and attacked on its own (its
+      shadow models under shadow/<arm>/, checked against their own settings,
+      and arms/<arm>.json), so a resumed run may change ``--arms``: a kept
+      arm is reused, a new one trained, a dropped one left out of the report
+      (its files stay). Every other setting must still match.
     choices: field -> the values of its ``choices`` this experiment offers
       (digits: no WideResNet, no scattering); an option left with one value,
       or that ``needs`` a value no longer offered, is not an option here
@@ -308,6 +313,7 @@ class Experiment:
     default_preset: str = "default"
     results_name: str | None = None
     resumable: bool = False
+    arms_apart: bool = False
     choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -666,8 +672,9 @@ def unlock_out(out: str) -> None:
         os.close(fd)
 
 
-def _resume_record(record: dict) -> dict:
-    return {k: v for k, v in json.loads(json.dumps(record)).items() if k not in RESUME_IGNORES}
+def _resume_record(record: dict, ignored: set[str] = frozenset()) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(record)).items()
+            if k not in RESUME_IGNORES and k not in ignored}
 
 
 def finished_arm(path: str, remedy: str) -> tuple[dict, list[dict]]:
@@ -684,8 +691,9 @@ def finished_arm(path: str, remedy: str) -> tuple[dict, list[dict]]:
 def check_resume(run: Run, experiment: Experiment) -> None:
     """``ResumeMismatch`` naming every setting that differs ("config.epochs
     (saved 3, now 4)") between the run in ``run.out`` (its ``run.json``) and
-    this one, but those in ``RESUME_IGNORES``; ``CorruptFile`` if run.json
-    cannot be read. Nothing to check in a folder without run.json."""
+    this one, but those in ``RESUME_IGNORES`` (and ``arms`` where the
+    experiment keeps its arms apart, ``Experiment.arms_apart``);
+    ``CorruptFile`` if run.json cannot be read. Nothing to check in a folder without run.json."""
     path = os.path.join(run.out, RUN_FILE)
     if not os.path.exists(path):
         return
@@ -693,9 +701,11 @@ def check_resume(run: Run, experiment: Experiment) -> None:
     saved = files.read_json(path, remedy)
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         raise CorruptFile(path, "it holds no settings record", remedy)
+    ignored = {"arms"} if experiment.arms_apart else set()
     changes = setting_differences(
-        {"experiment": saved.get("experiment"), "config": _resume_record(saved["settings"])},
-        {"experiment": experiment.name, "config": _resume_record(run.settings.record())})
+        {"experiment": saved.get("experiment"),
+         "config": _resume_record(saved["settings"], ignored)},
+        {"experiment": experiment.name, "config": _resume_record(run.settings.record(), ignored)})
     if changes:
         raise ResumeMismatch(run.out, changes)
 

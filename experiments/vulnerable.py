@@ -7,6 +7,7 @@ the GNQ censor's blind spot, against DP-SGD at matched test accuracy.
     python -m experiments.vulnerable --preset smoke   # seconds; what the tests run
     python -m experiments.vulnerable --preset cifar --data-dir DIR   # CIFAR-10, ScatterNet
     python -m experiments.vulnerable --resume --out DIR               # continue a killed run
+    python -m experiments.vulnerable --resume --out DIR --arms A B    # keep A, B; report them
 
 Protocol. A base set (``--base-size`` images of the train split) is IN in
 every shadow model; the canaries follow it in the pool, and each canary
@@ -47,7 +48,8 @@ Outputs (``--out``, default results/vulnerable-<preset>):
     results.csv     the units, flat;   table.md   verdict table and per-family table
     tpr_vs_accuracy.png   canary TPR at 1% FPR against test accuracy, per family
     scores/<arm>.npz      group scores (M, G), membership (M, G), family of each group
-    arms/<arm>.json       each finished arm: --resume keeps it
+    arms/<arm>.json       each finished arm: --resume keeps it (and --resume may
+                          change --arms: kept arms reused, new ones trained)
     shadow/<arm>/         the shadow models (resumed model by model)
 
 CPU budget (2 cores): the digits preset, 64 models x 60 epochs of the MLP
@@ -194,7 +196,7 @@ PRESETS = cli.presets(
              "identity + flip. Needs --data-dir. 8 models at once (~13.6 GB); the sgd "
              "arm trains in ~30 min on 2 cores, the other arms are slower."),
 )
-EXPERIMENT = cli.Experiment("vulnerable", __doc__, PRESETS, resumable=True)
+EXPERIMENT = cli.Experiment("vulnerable", __doc__, PRESETS, resumable=True, arms_apart=True)
 
 
 # ----------------------------------------------------------------------------

@@ -198,5 +198,24 @@ def test_smoke_experiment_end_to_end_and_rederived(tmp_path, capsys):
     capsys.readouterr()
     vulnerable.main(["--preset", "smoke", "--out", str(out), "--resume", "--no-progress"])
     again = json.loads((out / "results.json").read_text())
-    assert again["units"] == results["units"]
-    assert "shadow models" not in capsys.readouterr().err
+    # The arms' records, their wall times included, come back as saved.
+    assert again["units"] == results["units"] and again["arms"] == results["arms"]
+    # --resume may change --arms (each arm is kept apart): a kept arm is
+    # reused as it was, a dropped one left out, a new one trained.
+    vulnerable.main(["--preset", "smoke", "--out", str(out), "--resume", "--no-progress",
+                     "--arms", "sgd", "dpsgd:eps=8", "clip:max_step=0.1"])
+    grown = json.loads((out / "results.json").read_text())
+    assert [a["arm"] for a in grown["arms"]] == ["sgd", "dpsgd eps=8", "gnq-clip s=0.1"]
+    kept = {"sgd", "dpsgd eps=8"}
+    assert ([u for u in grown["units"] if u["arm"] in kept]
+            == [u for u in results["units"] if u["arm"] in kept])
+    assert grown["arms"][:2] == [results["arms"][0], results["arms"][2]]
+    assert json.loads((out / "run.json").read_text())["settings"]["arms"] == [
+        "sgd", "dpsgd:eps=8", "clip:max_step=0.1"]
+    assert (out / "shadow" / grown["arms"][2]["slug"]).is_dir()
+    assert [m["arm"] for m in grown["matches"]] == ["gnq-clip s=0.1"]
+    # Every other setting must still match.
+    with pytest.raises(SystemExit):
+        vulnerable.main(["--preset", "smoke", "--out", str(out), "--resume", "--no-progress",
+                         "--epochs", "3"])
+    assert "config.epochs (saved 2, now 3)" in capsys.readouterr().err
