@@ -111,7 +111,8 @@ _CPU = dataclasses.replace(
          "arm once on all 50,000 train images (DP-SGD: Tramer & Boneh's batch 8192, lr 4, "
          "momentum 0.9, clip 0.1, 60 epochs). Membership: a 10,000-image pool, 16 shadow "
          "models per arm on random halves (~5,000 each), 30 epochs; DP-SGD there at the "
-         "same sampling rate (batch 820) with lr 1; the GNQ arms at batch 256, lr 0.01.")
+         "same sampling rate (batch 820) with lr 1; the GNQ arms at batch 256, lr 0.01. About 65 min on 2 CPU "
+         "cores (measured 2026-12-02; docs/experiments.md).")
 
 PRESETS = cli.presets(
     cpu=_CPU,

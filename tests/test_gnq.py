@@ -220,7 +220,9 @@ def test_traced_bad_reg_gives_nan_scores_not_a_silent_floor():
     k = gujax.gram(g)
     from_gram = jax.jit(lambda reg: gujax.gnq_from_gram(k, reg=reg))
     assert np.all(np.isnan(np.asarray(from_gram(-0.5))))
-    np.testing.assert_allclose(scored(0.3), gujax.gnq(g, reg=0.3, relative=False), rtol=1e-6)
+    # jit fuses differently from eager: equal to float32 rounding (a CI run
+    # differed by 1.4e-6 relative, so 1e-6 was too tight).
+    np.testing.assert_allclose(scored(0.3), gujax.gnq(g, reg=0.3, relative=False), rtol=1e-5)
     # A zero trace with a valid relative reg is not an error: every score is 0.
     zeros = jax.jit(lambda reg: gujax.gnq({"w": jnp.zeros((4, 3))}, reg=reg))(0.1)
     np.testing.assert_array_equal(zeros, 0.0)
