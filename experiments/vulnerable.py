@@ -59,8 +59,9 @@ cifar preset (ScatterNet + linear on a 10,000-image base set plus 500
 canaries and the families, 13,100 rows, 64 models, 30 epochs) trains 8
 models at once in about 13.6 GB (each model holds its own copy of its
 training features, ~0.7 GB; 32 at once were killed for memory on a 24 GB
-machine). Measured for the sgd arm: 3.6 min per group of 8 models, about
-30 min for its 64; the GNQ and DP-SGD arms were not measured.
+machine). Measured: the sgd arm 3.6 min per group of 8 models, about 30 min
+for its 64; the censor at tau = 8 11.8 min per 8, 1.8 h for its 64
+(docs/results/vulnerable-cifar-censor8); DP-SGD not yet measured.
 """
 from __future__ import annotations
 
