@@ -1,6 +1,8 @@
-"""Re-derive this folder's canary attack figures from its saved scores.
+"""Re-derive a vulnerable results folder's canary attack figures from its
+saved scores (this folder by default, or the folder given).
 
     python docs/results/vulnerable-digits/rederive.py
+    python docs/results/vulnerable-digits/rederive.py docs/results/vulnerable-cifar-censor8
 
 Independent of gujax's metrics: for every arm it reads scores/<arm>.npz,
 rebuilds each canary group's score as the mean of its rows' online LiRA
@@ -17,7 +19,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def main() -> int:
-    folder = pathlib.Path(__file__).parent
+    folder = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else pathlib.Path(__file__).parent
     results = json.loads((folder / "results.json").read_text())
     worst = 0.0
     for arm in results["arms"]:
