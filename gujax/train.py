@@ -232,17 +232,6 @@ def _check_data(data, name="data") -> dict[str, np.ndarray]:
     return arrays
 
 
-def _check_label_range(datasets: list[dict], model, params) -> None:
-    """Refuse labels that are not class indices of ``model``'s output: a
-    label >= the number of logits gives a NaN loss yet finite gradients."""
-    first = {k: v[:1] for k, v in datasets[0].items()}
-    logits = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, first["image"])
-    num_classes = logits.shape[-1]
-    for m, d in enumerate(datasets):
-        checks.labels(d["label"], num_classes,
-                      f"data[{m}] labels" if len(datasets) > 1 else "data labels")
-
-
 def _gather_rows(datasets: list[dict], rows: jax.Array) -> dict:
     """The batch of rows[m] of datasets[m] for every run m, stacked: (M, P, ...)."""
     return {key: jnp.stack([d[key][r] for d, r in zip(datasets, rows)]) for key in datasets[0]}
@@ -379,8 +368,6 @@ def _run(*, params: Sequence[PyTree], data: Sequence, configs: Sequence[TrainCon
               for d in datasets}
     if len(shapes) != 1:
         raise ValueError(f"the runs' data differ in shape or dtype: {sorted(map(str, shapes))}")
-    if model is not None and "label" in datasets[0]:
-        _check_label_range(datasets, model, params[0])
     evaluation = _check_eval_data(eval_data, model)
     snapshot_epochs = _check_snapshot_epochs(snapshot_epochs, config)
     sizes = [len(d["id"]) for d in datasets]
