@@ -249,17 +249,15 @@ def make_noise_steps(params) -> dict[str, Callable[[], Any]]:
     std = 1), for every ``gujax.noise.Noise``."""
     import jax
 
-    from gujax.noise import KEY_IMPLS, SCHEDULES, Noise
+    from gujax.noise import CHOICES
 
     calls = {}
-    for impl in KEY_IMPLS:
-        for schedule in SCHEDULES:
-            noise = Noise(impl, schedule)
-            key = noise.key(0)
-            fn = jax.jit(lambda k, noise=noise: noise.draw(k, params, 1.0))
-            compiled = fn.lower(key).compile()
-            calls[f"{impl} {schedule}"] = (lambda c, k: lambda: jax.block_until_ready(c(k)))(
-                compiled, key)
+    for noise in CHOICES:
+        key = noise.key(0)
+        fn = jax.jit(lambda k, noise=noise: noise.draw(k, params, 1.0))
+        compiled = fn.lower(key).compile()
+        calls[f"{noise.impl} {noise.schedule}"] = (
+            lambda c, k: lambda: jax.block_until_ready(c(k)))(compiled, key)
     return calls
 
 

@@ -61,7 +61,7 @@ models at once in about 13.6 GB (each model holds its own copy of its
 training features, ~0.7 GB; 32 at once were killed for memory on a 24 GB
 machine). Measured: the sgd arm 3.6 min per group of 8 models, about 30 min
 for its 64; the censor at tau = 8 11.8 min per 8, 1.8 h for its 64
-(docs/results/vulnerable-cifar-censor8); DP-SGD not yet measured.
+and DP-SGD at epsilon 1000 10-12 min per 8, 1.7 h (docs/results/vulnerable-cifar).
 """
 from __future__ import annotations
 

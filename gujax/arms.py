@@ -378,8 +378,9 @@ register(ArmKind(
                                "model, no disclosure reported)", default=True),
      Option("prng", _choice(KEY_IMPLS), "the noise's key implementation",
             default="threefry2x32"),
-     Option("schedule", _choice(SCHEDULES), "the noise draw: per_leaf (optax's) or flat "
-                                            "(one draw per step)", default="per_leaf"),
+     Option("schedule", _choice(SCHEDULES), "the noise draw: per_leaf (optax's), flat "
+                                            "(one draw per step) or paired (flat, both "
+                                            "threefry words used)", default="per_leaf"),
      Option("releases", tuple, "noise multipliers of Gaussian mechanisms already run on the "
                                "training set, composed into epsilon", default=(),
             check=_releases, text=False, setting="releases")),

@@ -8,10 +8,10 @@ import pytest
 from dp_accounting import pld, rdp
 
 from gujax.dpsgd import dpsgd_aggregate, make_private
-from gujax.noise import (KEY_IMPLS, SCHEDULES, Noise, clipped_gaussian_sum_numpy,
-                         gaussian_noise)
+from gujax.noise import (CHOICES, PAIRED_BLOCK, SCHEDULES, Noise,
+                         clipped_gaussian_sum_numpy, gaussian_noise, paired_normal)
 
-NOISES = [Noise(impl, schedule) for impl in KEY_IMPLS for schedule in SCHEDULES]
+NOISES = list(CHOICES)
 from gujax.privacy import calibrate_noise_multiplier, dp_epsilon, dpsgd_event
 from gujax.sampling import fixed_batch, poisson_batch, poisson_padded_size, shuffled_batch
 
@@ -340,6 +340,31 @@ def test_flat_noise_is_one_draw_cut_into_the_leaves(impl):
                                   jax.random.key_data(jax.random.split(key)[0]))
 
 
+@pytest.mark.parametrize("n", [1, 5, PAIRED_BLOCK - 1, PAIRED_BLOCK, 3 * PAIRED_BLOCK + 7])
+def test_paired_noise_is_jaxs_non_partitionable_threefry_stream(n):
+    """The paired draw reads both words of each threefry2x32 block: it is, bit
+    for bit, jax.random.normal under jax_threefry_partitionable=False, of the
+    count padded to PAIRED_BLOCK, cut to n."""
+    key = jax.random.key(5)
+    got = jax.jit(paired_normal, static_argnums=1)(key, n)
+    padded = -(-n // PAIRED_BLOCK) * PAIRED_BLOCK
+    previous = jax.config.jax_threefry_partitionable
+    jax.config.update("jax_threefry_partitionable", False)
+    try:
+        want = jax.random.normal(key, (padded,))[:n]
+    finally:
+        jax.config.update("jax_threefry_partitionable", previous)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    like = {"a": jnp.zeros((n,)), "b": jnp.zeros((2, 3))}
+    noise, next_key = Noise(schedule="paired").draw(key, like, 2.0)
+    _, k = jax.random.split(key)
+    flat = 2.0 * paired_normal(k, n + 6)
+    np.testing.assert_allclose(np.concatenate([np.ravel(noise["a"]), np.ravel(noise["b"])]),
+                               flat, rtol=1e-6)
+    np.testing.assert_array_equal(jax.random.key_data(next_key),
+                                  jax.random.key_data(jax.random.split(key)[0]))
+
+
 def test_another_noise_generator_is_another_stream_and_bad_names_are_refused():
     g = {"w": jnp.zeros((2, 1000))}
     draws = {}
@@ -355,10 +380,13 @@ def test_another_noise_generator_is_another_stream_and_bad_names_are_refused():
         draws[schedule] = np.asarray(tx.update(g2, tx.init(None))[0]["w"])
     assert not np.allclose(draws["threefry2x32"], draws["rbg"])
     assert not np.allclose(draws["per_leaf"], draws["flat"])
+    assert not np.allclose(draws["flat"], draws["paired"])
     with pytest.raises(ValueError, match="impl"):
         Noise("philox")
     with pytest.raises(ValueError, match="schedule"):
         Noise(schedule="blocked")
+    with pytest.raises(ValueError, match="'paired' reads threefry2x32 blocks"):
+        Noise("rbg", "paired")
     with pytest.raises(ValueError, match="noise"):
         dpsgd_aggregate(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=1.0,
                         seed=3, noise="rbg")

@@ -2,7 +2,7 @@
 saved scores (this folder by default, or the folder given).
 
     python docs/results/vulnerable-digits/rederive.py
-    python docs/results/vulnerable-digits/rederive.py docs/results/vulnerable-cifar-censor8
+    python docs/results/vulnerable-digits/rederive.py docs/results/vulnerable-cifar
 
 Independent of gujax's metrics: for every arm it reads scores/<arm>.npz,
 rebuilds each canary group's score as the mean of its rows' online LiRA
