@@ -816,6 +816,9 @@ def main(argv, experiment: Experiment, *, prepare: Callable[[Run], Any],
     argv = tuple(sys.argv[1:] if argv is None else argv)
     opened, run = False, None
     streams = sys.stdout, sys.stderr
+    # --progress false holds for this run only: a caller in the same process
+    # (a notebook, a test) gets its own setting back.
+    bars = progress.enabled()
     sys.stdout, sys.stderr = _PipeGuard(sys.stdout), _PipeGuard(sys.stderr)
     try:
         run = parse_command_line(argv, experiment)
@@ -837,6 +840,7 @@ def main(argv, experiment: Experiment, *, prepare: Callable[[Run], Any],
             if opened else "nothing was written"
         _fail(f"interrupted ({experiment.name} cannot resume): {where}", 130)
     finally:
+        progress.set_enabled(bars)
         if run is not None:
             unlock_out(run.out)
         for guard in (sys.stdout, sys.stderr):

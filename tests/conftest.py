@@ -51,3 +51,13 @@ def metric_records(monkeypatch):
             return written
 
     return Records()
+
+
+@pytest.fixture(autouse=True)
+def _bars_on_after_each_test():
+    """gujax.progress's switch is process-wide; a test that turns bars off
+    (through an experiment's --progress false) must not silence the next test
+    its worker runs."""
+    yield
+    from gujax import progress
+    progress.set_enabled(True)
