@@ -72,9 +72,8 @@ class Noise:
 
     def draw(self, key: jax.Array, like: PyTree, std) -> tuple[PyTree, jax.Array]:
         """N(0, std^2) per coordinate shaped like ``like``, and the next key."""
-        if self.schedule == "paired":
-            return gaussian_noise(key, like, std, flat=paired_normal)
-        return gaussian_noise(key, like, std, flat=self.schedule == "flat")
+        return gaussian_noise(key, like, std, flat=self.schedule != "per_leaf",
+                              normal=paired_normal if self.schedule == "paired" else _normal)
 
     @property
     def label(self) -> str:
@@ -88,11 +87,15 @@ CHOICES = tuple(Noise(impl, schedule) for impl in KEY_IMPLS for schedule in SCHE
                 if schedule != "paired" or impl == "threefry2x32")
 
 
-def gaussian_noise(key: jax.Array, like: PyTree, std, *, flat=False
-                   ) -> tuple[PyTree, jax.Array]:
+def _normal(key: jax.Array, n: int, dtype) -> jax.Array:
+    return jax.random.normal(key, (n,), dtype)
+
+
+def gaussian_noise(key: jax.Array, like: PyTree, std, *, flat: bool = False,
+                   normal=_normal) -> tuple[PyTree, jax.Array]:
     """N(0, std^2) per coordinate, shaped like ``like``, and the next key
-    (the ``per_leaf`` schedule, or ``flat``; module docstring). ``flat`` may
-    also be the flat draw itself, ``normal(key, (n,), dtype)`` (``paired_normal``).
+    (the ``per_leaf`` schedule, or ``flat``; module docstring). ``normal(key,
+    n, dtype)`` is the flat draw (``paired_normal`` for the paired schedule).
     The schedules give different noise for the same key (with JAX's
     partitionable threefry the first leaf may coincide), with the same
     distribution. Leaves of different dtypes are drawn in their promoted
@@ -103,7 +106,6 @@ def gaussian_noise(key: jax.Array, like: PyTree, std, *, flat=False
         noise = [jnp.asarray(std).astype(g.dtype) * jax.random.normal(k, jnp.shape(g), g.dtype)
                  for g, k in zip(leaves, keys)]
         return jax.tree_util.tree_unflatten(treedef, noise), next_key
-    normal = flat if callable(flat) else lambda k, n, dtype: jax.random.normal(k, (n,), dtype)
     next_key, k = jax.random.split(key)
     sizes = [math.prod(jnp.shape(g)) for g in leaves]
     z = normal(k, sum(sizes), jnp.result_type(*leaves) if leaves else float)
