@@ -61,3 +61,14 @@ def _bars_on_after_each_test():
     yield
     from gujax import progress
     progress.set_enabled(True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """CI (``CI`` set) leaves the ``slow`` cases out, to keep its run short;
+    ``python -m pytest -m slow`` runs them."""
+    if not os.environ.get("CI") or config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow: left out when CI is set (python -m pytest -m slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -167,6 +167,7 @@ def _tpr_at(scores, member, fpr):
     return best
 
 
+@pytest.mark.slow
 def test_smoke_experiment_end_to_end_and_rederived(tmp_path, capsys):
     from experiments import vulnerable
     out = tmp_path / "smoke"

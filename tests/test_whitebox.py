@@ -217,6 +217,7 @@ def test_slot_epsilon_of_one_copy_is_dpsgds_pld_and_of_k_copies_at_full_batch_th
         1.75, 0.07, 300, 1e-5)
 
 
+@pytest.mark.slow
 def test_audit_whitebox_smoke_rederives_from_its_saved_scores_and_resumes(tmp_path):
     """The experiment's figures follow from the scores it saves (an
     independent recomputation: sorted scores, the guess rule, jax-privacy's
