@@ -670,12 +670,19 @@ def plot_ratio_curve(rows: list[dict], x: str, path: str, title: str) -> bool:
            xscale="log")
     ax.set_xticks(sorted({r[x] for r in rows}))
     ax.get_xaxis().set_major_formatter(_plain_formatter())
+    # Log-scale minor labels (6 x 10^2, ...) would print over the measured points' labels.
+    ax.get_xaxis().set_minor_formatter(_null_formatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _null_formatter():
+    from matplotlib.ticker import NullFormatter
+    return NullFormatter()
 
 
 def _plain_formatter():

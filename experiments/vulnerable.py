@@ -285,6 +285,17 @@ def _pair(interval) -> list[float] | None:
     return None if interval is None else [float(interval[0]), float(interval[1])]
 
 
+def _ledger_fields(record, in_rows, epochs: int, has_ledger: bool) -> dict:
+    fields = ("canary_admitted_fraction", "canary_admitted_step_fraction",
+              "canary_used_fraction", "canary_steps_used_mean")
+    if not has_ledger:
+        return dict.fromkeys(fields)
+    used = record.steps_used[in_rows]
+    return dict(zip(fields, (float(1 - record.retired[in_rows].mean()),
+                             float(used.mean() / epochs), float((used > 0).mean()),
+                             float(used.mean()))))
+
+
 def _disclosure_interval(record, rows: np.ndarray, boot: dict) -> list[float] | None:
     """95% interval of the mean D of the IN canary rows (crossed bootstrap
     over models and rows); None when too few rows to bootstrap."""
@@ -342,12 +353,10 @@ def audit_vulnerable_arm(arm: Arm, settings: VulnerableSettings, prepared: Prepa
             "canary_pairs": int(members.size), "canary_pairs_in": int(members.sum()),
             # The ledger of the IN canary rows: never retired by the end, and
             # the steps that admitted them per epoch of training (1 = every
-            # step the sampler put them in; sgd's value).
-            "canary_admitted_fraction": float(1 - record.retired[in_rows].mean()),
-            "canary_admitted_step_fraction": float(record.steps_used[in_rows].mean()
-                                                   / settings.epochs),
-            "canary_used_fraction": float((record.steps_used[in_rows] > 0).mean()),
-            "canary_steps_used_mean": float(record.steps_used[in_rows].mean()),
+            # step the sampler put them in; sgd's value). An arm trained
+            # without a ledger has none of these: None, not the zeros its
+            # record holds.
+            **_ledger_fields(record, in_rows, settings.epochs, has_ledger),
             "canary_disclosure_mean_nats": (float(record.disclosure[in_rows].mean())
                                             if has_ledger else None),
             "canary_disclosure_ci": (_disclosure_interval(record, rows, boot)
@@ -371,7 +380,8 @@ def audit_vulnerable_arm(arm: Arm, settings: VulnerableSettings, prepared: Prepa
         "canary_tpr_at_1pct_fpr_ci": _pair(canary.intervals.tpr_at(0.01)),
         "base_disclosure_mean_nats": (float(record.disclosure[:, base_rows].mean())
                                       if has_ledger else None),
-        "base_admitted_fraction": float(1 - record.retired[:, base_rows].mean()),
+        "base_admitted_fraction": (float(1 - record.retired[:, base_rows].mean())
+                                   if has_ledger else None),
         **{f"population_{k}": population.get(k) for k in (
             "mia_auc", "mia_auc_ci", "mia_tpr_at_0.1pct_fpr", "mia_tpr_at_0.1pct_fpr_ci",
             "mia_tpr_at_1pct_fpr", "mia_tpr_at_1pct_fpr_ci")},
@@ -503,7 +513,8 @@ def markdown(arms: list[dict], units: list[dict], found: list[dict],
                        ("canary TPR@0.1%", "tpr01", "{}"), ("canary TPR@1%", "tpr1", "{}"),
                        ("strongest family", "family", "{}"), ("accountant eps", "eps", "{}"),
                        ("matched DP-SGD arm", "match", "{}"), ("verdict", "verdict", "{}"))
-    shown_units = [{**u, "steps": u["canary_steps_used_mean"] / settings.epochs,
+    shown_units = [{**u, "steps": (None if u["canary_steps_used_mean"] is None
+                                   else u["canary_steps_used_mean"] / settings.epochs),
                     "acc": _shown(u, "test_accuracy"),
                     "tpr01": _shown(u, "canary_tpr_at_0.1pct_fpr"),
                     "tpr1": _shown(u, "canary_tpr_at_1pct_fpr"),

@@ -10,7 +10,7 @@ import pytest
 
 from gujax.dpsgd import dpsgd_aggregate
 from gujax.noise import Noise
-from gujax.policies import DpsgdState
+from gujax.policies import DpsgdState, dpsgd_policy
 from gujax.ghost.capture import capture
 from gujax.ghost.clipping import ghost_clipped_sum, ghost_dpsgd
 from gujax.ghost.kernels import (describe, factors_gram, factors_sq_norms, ghost_gram,
@@ -401,6 +401,15 @@ def test_ghost_clipped_sum_bounds_every_norm():
     norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree_util.tree_leaves(total)))
     assert norm <= B * 1e-3 * (1 + 1e-5)
     np.testing.assert_allclose(info.norms * info.weights, 1e-3, rtol=1e-5)
+    # The clipped sum alone draws no noise (a sigma = 0 finish would still
+    # draw P Gaussians: sigma is traced state); ghost_dpsgd does.
+    program = str(jax.make_jaxpr(lambda p, b: ghost_clipped_sum(loss, p, b, l2_norm_clip=1.0))(
+        params, batch))
+    assert "threefry" not in program and "random_bits" not in program
+    state = dpsgd_policy(l2_norm_clip=1.0, expected_batch_size=B,
+                         noise_multiplier=1.0).init()
+    assert "random_bits" in str(jax.make_jaxpr(lambda p, b: ghost_dpsgd(loss, p, b, state))(
+        params, batch))
 
 
 # ---------------------------------------------------------------------------

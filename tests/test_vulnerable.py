@@ -124,6 +124,25 @@ def test_no_signal_gives_chance_on_canaries():
     assert lo < 0.5 < hi
 
 
+def test_an_arm_without_a_ledger_reports_no_ledger_figures():
+    from experiments.vulnerable import _ledger_fields
+    record = _synthetic_record()
+    in_rows = record.in_mask & (record.groups >= 0)[None]
+    # A DP-SGD arm with ledger=false records zeros: they must not read as
+    # "admitted in no step, never retired".
+    assert set(_ledger_fields(record, in_rows, 3, False).values()) == {None}
+    used = record.steps_used.copy()
+    used[in_rows] = 6
+    retired = record.retired.copy()
+    retired[0] = True
+    fields = _ledger_fields(record._replace(steps_used=used, retired=retired), in_rows, 3, True)
+    assert fields["canary_steps_used_mean"] == 6.0
+    assert fields["canary_admitted_step_fraction"] == 2.0
+    assert fields["canary_used_fraction"] == 1.0
+    np.testing.assert_allclose(fields["canary_admitted_fraction"],
+                               1 - retired[in_rows].mean())
+
+
 def test_duplicated_and_clustered_canaries_move_together(digits):
     train = digits[0]
     canaries = mislabelled_canaries(random_subset(train, 50, 0), 6, seed=1)

@@ -57,9 +57,14 @@ def ghost_clipped_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
     """
     policy = dpsgd_policy(l2_norm_clip=l2_norm_clip, expected_batch_size=1.0,
                           noise_multiplier=0.0)
-    total, _, info = _step(loss_fn, params, batch, policy, policy.init(), mask)
-    # sigma = 0: the finish added exact zeros and divided by 1.
-    return total, info
+    grad_pass = ghost_engine(loss_fn).run(params, batch)
+    stats = grad_pass.statistics(policy.cross_terms)
+    weights, _ = policy.weights(stats, None, mask, policy.init())
+    # The policy's weights without its finish: the finish would draw P
+    # Gaussians (sigma is traced state, so sigma = 0 still draws) and add
+    # zeros, a cost larger than the step's on a small model.
+    total = grad_pass.weighted_sum(weights, stats)
+    return total, ClipInfo(jnp.sqrt(stats.sq_norms), weights, grad_pass.losses)
 
 
 def ghost_dpsgd(loss_fn: LossFn, params: PyTree, batch: PyTree, state: DpsgdState, *,
