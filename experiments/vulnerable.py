@@ -59,9 +59,10 @@ cifar preset (ScatterNet + linear on a 10,000-image base set plus 500
 canaries and the families, 13,100 rows, 64 models, 30 epochs) trains 8
 models at once in about 13.6 GB (each model holds its own copy of its
 training features, ~0.7 GB; 32 at once were killed for memory on a 24 GB
-machine). Measured: the sgd arm 3.6 min per group of 8 models, about 30 min
-for its 64; the censor at tau = 8 11.8 min per 8, 1.8 h for its 64
-and DP-SGD at epsilon 1000 10-12 min per 8, 1.7 h (docs/results/vulnerable-cifar).
+machine). Measured: the censor at tau = 8 11.8 min per 8, 1.8 h for its 64
+and DP-SGD at epsilon 1000 10-12 min per 8, 1.7 h (docs/results/vulnerable-cifar);
+the sgd arm keeps the monitor's GNQ ledger, so it costs about what the censor
+does: 17 min for its first 8 on a machine shared with a benchmark (2026-12-07).
 """
 from __future__ import annotations
 
@@ -194,8 +195,8 @@ PRESETS = cli.presets(
              "protocol: private standardisation, 30 epochs, B 256, lr 0.01, momentum 0.9; "
              "DP-SGD clip 0.1, batch 164, lr 1); base set 10,000 train images, 500 "
              "mislabelled canaries + 100 per adaptive family, 64 shadow models, LiRA on "
-             "identity + flip. Needs --data-dir. 8 models at once (~13.6 GB); the sgd "
-             "arm trains in ~30 min on 2 cores, the other arms are slower."),
+             "identity + flip. Needs --data-dir. 8 models at once (~13.6 GB); each arm "
+             "takes about 1.7-1.8 h on 2 cores (10-12 min per 8 models)."),
 )
 EXPERIMENT = cli.Experiment("vulnerable", __doc__, PRESETS, resumable=True, arms_apart=True)
 

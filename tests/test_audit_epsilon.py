@@ -213,6 +213,7 @@ def test_dpsgd_never_beats_its_accountant(mislabel_audit):
 # ----------------------------------------------------------------------------
 # The experiment.
 
+@pytest.mark.slow  # minutes on 2 cores: out of CI (conftest), run locally
 def test_audit_epsilon_smoke(tmp_path):
     from experiments import audit_epsilon
     out = tmp_path / "smoke"

@@ -322,6 +322,7 @@ def _image_folder(root: pathlib.Path, per_class: dict[str, int]) -> None:
                 Image.fromarray(pixels).save(folder / f"{i:03d}.png")
 
 
+@pytest.mark.slow  # minutes on 2 cores: out of CI (conftest), run locally
 def test_cifar_smoke_on_an_image_folder(tmp_path):
     _image_folder(tmp_path / "data", {"train": 24, "test": 12})
     out = tmp_path / "cifar-smoke"

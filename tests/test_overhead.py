@@ -95,6 +95,7 @@ ROW_FIELDS = {"section", "model", "batch_size", "method", "step_seconds", "sprea
               "flop_ratio"}
 
 
+@pytest.mark.slow  # minutes on 2 cores: out of CI (conftest), run locally
 def test_smoke_preset_has_a_stage_row_per_policy_and_model(tmp_path):
     result = overhead.main(["--preset", "smoke", "--out", str(tmp_path)])
     saved = _saved(tmp_path)

@@ -208,6 +208,7 @@ def test_accountant_epsilon_at_full_batch_is_the_gaussian_composition():
     assert wb.gdp_epsilon(np.sqrt(steps) / sigma, 1e-5) == pytest.approx(exact, rel=0.01)
 
 
+@pytest.mark.slow  # minutes on 2 cores: out of CI (conftest), run locally
 def test_slot_epsilon_of_one_copy_is_dpsgds_pld_and_of_k_copies_at_full_batch_the_group():
     assert wb.slot_epsilon(1.75, 0.07, 300, 1e-5) == pytest.approx(
         dp_epsilon(1.75, 0.07, 300, 1e-5, sampling="poisson", accountant="pld"), rel=1e-6)
