@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gujax.engine import ghost_engine, policy_step
+from gujax.engine import ghost_engine
 from gujax.ghost.capture import LossFn
 from gujax.noise import Noise
 from gujax.policies import DpsgdState, dpsgd_policy
@@ -36,12 +36,14 @@ class ClipInfo(NamedTuple):
     losses: jax.Array
 
 
-def _step(loss_fn, params, batch, policy, state, mask):
+def _clipped_sum(loss_fn, params, batch, policy, state, mask):
+    """(sum_j c_j g_j, state, ClipInfo): the policy's clip weights and their
+    weighted sum, before its finish (the noise)."""
     grad_pass = ghost_engine(loss_fn).run(params, batch)
     stats = grad_pass.statistics(policy.cross_terms)
-    update, state, weights = policy_step(grad_pass, policy, state, example_ids=None,
-                                         mask=mask, stats=stats)
-    return update, state, ClipInfo(jnp.sqrt(stats.sq_norms), weights, grad_pass.losses)
+    weights, state = policy.weights(stats, None, mask, state)
+    info = ClipInfo(jnp.sqrt(stats.sq_norms), weights, grad_pass.losses)
+    return grad_pass.weighted_sum(weights, stats), state, info
 
 
 def ghost_clipped_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
@@ -57,14 +59,10 @@ def ghost_clipped_sum(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
     """
     policy = dpsgd_policy(l2_norm_clip=l2_norm_clip, expected_batch_size=1.0,
                           noise_multiplier=0.0)
-    grad_pass = ghost_engine(loss_fn).run(params, batch)
-    stats = grad_pass.statistics(policy.cross_terms)
-    weights, _ = policy.weights(stats, None, mask, policy.init())
-    # The policy's weights without its finish: the finish would draw P
-    # Gaussians (sigma is traced state, so sigma = 0 still draws) and add
-    # zeros, a cost larger than the step's on a small model.
-    total = grad_pass.weighted_sum(weights, stats)
-    return total, ClipInfo(jnp.sqrt(stats.sq_norms), weights, grad_pass.losses)
+    # No finish: it would draw P Gaussians (sigma is traced state, so sigma = 0
+    # still draws) and add zeros, a cost larger than the step's on a small model.
+    total, _, info = _clipped_sum(loss_fn, params, batch, policy, policy.init(), mask)
+    return total, info
 
 
 def ghost_dpsgd(loss_fn: LossFn, params: PyTree, batch: PyTree, state: DpsgdState, *,
@@ -90,4 +88,6 @@ def ghost_dpsgd(loss_fn: LossFn, params: PyTree, batch: PyTree, state: DpsgdStat
     # The constants in the closure are placeholders: every one is read from state.
     policy = dpsgd_policy(l2_norm_clip=1.0, expected_batch_size=1.0, noise_multiplier=0.0,
                           noise=noise)
-    return _step(loss_fn, params, batch, policy, state, mask)
+    total, state, info = _clipped_sum(loss_fn, params, batch, policy, state, mask)
+    update, state = policy.finish(total, state)
+    return update, state, info
