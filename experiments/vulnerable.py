@@ -37,8 +37,9 @@ arms with a ledger the steps that admitted the IN canary rows (per epoch),
 the fraction never retired, and their mean disclosure D (nats). Each GNQ arm (censor, clip) is
 matched to the most private DP-SGD arm whose accuracy interval overlaps its
 own, else to the nearest in test accuracy ("matched" when the
-accuracy intervals overlap), and the two compared on the family where the
-GNQ arm leaks most (``gujax.audit.intervals.compare``).
+accuracy intervals overlap), and the two compared family by family
+(``gujax.audit.intervals.compare``): the GNQ arm is worse if it is worse on
+any family, better only if better on every one (``overall_verdict``).
 
 Outputs (``--out``, default results/vulnerable-<preset>):
 
@@ -409,13 +410,14 @@ def strongest(units: list[dict], arm: str) -> dict:
 
 
 VERDICT_WORDS = {
-    "better": "dominates the matched DP-SGD: ahead on accuracy or canary TPR@1%, behind on "
-              "neither (intervals)",
-    "worse": "dominated by the matched DP-SGD: behind on accuracy or canary TPR@1%, ahead on "
-             "neither (intervals)",
-    "not distinguishable": "not distinguishable from the matched DP-SGD: accuracy and canary "
-                           "TPR@1% intervals both overlap",
-    "trade-off": "a trade-off: ahead of the matched DP-SGD on one axis, behind on the other",
+    "better": "dominates the matched DP-SGD on every canary family: ahead on accuracy or "
+              "canary TPR@1%, behind on neither (intervals)",
+    "worse": "dominated by the matched DP-SGD on some canary family: behind on accuracy or "
+             "canary TPR@1%, ahead on neither (intervals)",
+    "not distinguishable": "not distinguishable from the matched DP-SGD: on no family worse "
+                           "or a trade-off, on some not better (intervals overlap)",
+    "trade-off": "a trade-off: on some family ahead of the matched DP-SGD on one axis and "
+                 "behind on the other, on none worse",
 }
 
 
@@ -427,9 +429,34 @@ def verdict_words(match: dict) -> str:
     return words
 
 
+def family_verdicts(a: dict, b: dict, units: list[dict]) -> dict[str, str]:
+    """GNQ arm ``a`` against DP-SGD arm ``b`` on each canary family: the two
+    arms' accuracies, then their TPR at 1% FPR on the same family."""
+    theirs = {u["family"]: u for u in units if u["arm"] == b["arm"]}
+    return {u["family"]: compare(a["test_accuracy_ci"], u["canary_tpr_at_1pct_fpr_ci"],
+                                 b["test_accuracy_ci"],
+                                 theirs[u["family"]]["canary_tpr_at_1pct_fpr_ci"])
+            for u in units if u["arm"] == a["arm"]}
+
+
+def overall_verdict(per_family: dict[str, str]) -> str:
+    """The verdict over families. The attacker picks the family, so a defense
+    is ``worse`` if it is worse on any family and ``better`` only if better on
+    every one; otherwise a ``trade-off`` if some family is one, else ``not
+    distinguishable``. (Comparing each arm's strongest family alone would call
+    two arms that both saturate at TPR 1 on one family indistinguishable, even
+    where the defense leaks more on every other family.)"""
+    verdicts = set(per_family.values())
+    if "worse" in verdicts:
+        return "worse"
+    if verdicts == {"better"}:
+        return "better"
+    return "trade-off" if "trade-off" in verdicts else "not distinguishable"
+
+
 def matches(arms: list[dict], units: list[dict]) -> list[dict]:
-    """Each GNQ arm's DP-SGD arm at matched accuracy, and the verdict on the
-    GNQ arm's strongest family and on every family.
+    """Each GNQ arm's DP-SGD arm at matched accuracy and the verdict against
+    it, per canary family and over the families (``overall_verdict``).
 
     The match is the most private DP-SGD arm (smallest accountant epsilon)
     whose accuracy interval overlaps the GNQ arm's: the baseline a defense
@@ -441,41 +468,23 @@ def matches(arms: list[dict], units: list[dict]) -> list[dict]:
     for a in arms:
         if a["kind"] not in GNQ_KINDS or not dpsgd:
             continue
-        worst = strongest(units, a["arm"])
         level = [b for b in dpsgd
                  if interval_order(a["test_accuracy_ci"], b["test_accuracy_ci"]) == 0]
         d = (min(level, key=lambda b: np.inf if b["epsilon"] is None else b["epsilon"])
              if level else
              min(dpsgd, key=lambda b: abs(b["test_accuracy"] - a["test_accuracy"])))
         also = [{"dpsgd": b["arm"], "epsilon": b["epsilon"],
-                 "verdict": compare(a["test_accuracy_ci"], worst["canary_tpr_at_1pct_fpr_ci"],
-                                    b["test_accuracy_ci"],
-                                    strongest(units, b["arm"])["canary_tpr_at_1pct_fpr_ci"])}
-                for b in level]
-
-        def unit(arm, family):
-            return next(u for u in units if u["arm"] == arm and u["family"] == family)
-
-        per_family = {}
-        for u in (u for u in units if u["arm"] == a["arm"]):
-            v = unit(d["arm"], u["family"])
-            per_family[u["family"]] = compare(a["test_accuracy_ci"],
-                                              u["canary_tpr_at_1pct_fpr_ci"],
-                                              d["test_accuracy_ci"],
-                                              v["canary_tpr_at_1pct_fpr_ci"])
-        # The attacker picks the family: the verdict on the best family for
-        # the attacker against the GNQ arm, each arm on its own strongest one.
-        d_worst = strongest(units, d["arm"])
-        verdict = compare(a["test_accuracy_ci"], worst["canary_tpr_at_1pct_fpr_ci"],
-                          d["test_accuracy_ci"], d_worst["canary_tpr_at_1pct_fpr_ci"])
+                 "verdict": overall_verdict(family_verdicts(a, b, units))} for b in level]
+        per_family = family_verdicts(a, d, units)
         out.append({
             "arm": a["arm"], "matched_dpsgd": d["arm"], "matched_epsilon": d["epsilon"],
             "accuracy_matched": interval_order(a["test_accuracy_ci"],
                                                d["test_accuracy_ci"]) == 0,
             "accuracy_gap": a["test_accuracy"] - d["test_accuracy"],
-            "strongest_family": worst["family"],
-            "strongest_family_dpsgd": d_worst["family"],
-            "verdict": verdict, "verdict_by_family": per_family, "also_matched": also,
+            "strongest_family": strongest(units, a["arm"])["family"],
+            "strongest_family_dpsgd": strongest(units, d["arm"])["family"],
+            "verdict": overall_verdict(per_family), "verdict_by_family": per_family,
+            "also_matched": also,
         })
     return out
 
@@ -534,8 +543,12 @@ def markdown(arms: list[dict], units: list[dict], found: list[dict],
                    ("population LiRA TPR@1%", "population_mia_tpr_at_1pct_fpr", "{:.3f}"),
                    ("population LiRA AUC", "population_mia_auc", "{:.3f}"))
     also = ["The matched DP-SGD arm is the most private one whose accuracy interval "
-            "overlaps the GNQ arm's. Against every accuracy-matched DP-SGD arm (each on its "
-            "strongest family):", ""]
+            "overlaps the GNQ arm's. The verdict is over the families, each compared with "
+            "the same family on the DP-SGD arm: worse if worse on any, better only if better "
+            "on all. Per family, against the matched arm:", ""]
+    also += [f"- {m['arm']}: " + "; ".join(f"{f} {v}" for f, v in m["verdict_by_family"].items())
+             for m in found]
+    also += ["", "Against every accuracy-matched DP-SGD arm:", ""]
     also += [f"- {m['arm']}: " + ("; ".join(f"{x['dpsgd']} (eps {x['epsilon']:g}): "
                                             f"{x['verdict']}" for x in m["also_matched"])
                                  or "none within the accuracy interval")

@@ -127,6 +127,7 @@ def test_smoke_preset_has_a_stage_row_per_policy_and_model(tmp_path):
     assert result["targets"] and os.path.exists(tmp_path / "overhead.png")
 
 
+@pytest.mark.slow  # 62 s on 2 cores: out of CI (conftest), run locally
 def test_kernel_memory_rows_and_curves(tmp_path):
     overhead.main(["--preset", "smoke", "--models", "mlp", "--batch-sizes", "4", "8",
                    "--methods", "monitor", "--kernels", "gnq_ghost", "dpsgd",
@@ -151,6 +152,7 @@ def test_kernel_memory_rows_and_curves(tmp_path):
     assert os.path.exists(tmp_path / "ratio_vs_width.png")
 
 
+@pytest.mark.slow  # 45 s on 2 cores: out of CI (conftest), run locally
 def test_gpu_preset_parses_and_its_workloads_build():
     settings, out = overhead.parse_settings(["--preset", "gpu"])
     assert settings["models"] == ("wrn", "transformer_big") and settings["seq_len"] == 256

@@ -214,6 +214,7 @@ def test_attack_rejects_unrecorded_queries(digits, tmp_path):
         attack(record, augmentations=("flip",))
 
 
+@pytest.mark.slow  # 86 s on 2 cores: out of CI (conftest), run locally
 def test_lira_finds_members_of_an_overfit_model_and_not_under_dp(digits, tmp_path):
     """Issue 5's end-to-end check. A wide MLP overfits 150 digits (each model
     trains on a random half of a 300-example pool): online LiRA clearly beats

@@ -239,3 +239,38 @@ def test_smoke_experiment_end_to_end_and_rederived(tmp_path, capsys):
         vulnerable.main(["--preset", "smoke", "--out", str(out), "--resume", "--no-progress",
                          "--epochs", "3"])
     assert "config.epochs (saved 2, now 3)" in capsys.readouterr().err
+
+
+def _arm_row(name, kind, acc, epsilon=None):
+    return {"arm": name, "kind": kind, "test_accuracy": acc,
+            "test_accuracy_ci": [acc - 0.01, acc + 0.01], "epsilon": epsilon}
+
+
+def _unit(arm, family, tpr):
+    return {"arm": arm, "family": family, "canary_tpr_at_1pct_fpr": tpr,
+            "canary_tpr_at_0.1pct_fpr": tpr, "canary_auc": tpr,
+            "canary_tpr_at_1pct_fpr_ci": [max(tpr - 0.02, 0.0), min(tpr + 0.02, 1.0)]}
+
+
+def test_the_verdict_pairs_families_and_is_worse_if_any_family_is_worse():
+    """Both arms saturate on dup 8 (their strongest family): compared there
+    alone they are not distinguishable. The defense leaks more on the single
+    canaries, so the verdict over families is worse; with those equal too it
+    is not distinguishable, and better only if better on every family."""
+    from experiments.vulnerable import matches, overall_verdict
+    arms = [_arm_row("gnq-censor tau=8", "censor", 0.60),
+            _arm_row("dpsgd eps=1000", "dpsgd", 0.60, epsilon=1000.0)]
+    units = [_unit("gnq-censor tau=8", "mislabel", 0.15), _unit("gnq-censor tau=8", "dup 8", 1.0),
+             _unit("dpsgd eps=1000", "mislabel", 0.09), _unit("dpsgd eps=1000", "dup 8", 1.0)]
+    (m,) = matches(arms, units)
+    assert m["verdict_by_family"] == {"mislabel": "worse", "dup 8": "not distinguishable"}
+    assert m["verdict"] == "worse"
+    assert m["strongest_family"] == "dup 8" and m["accuracy_matched"]
+    assert m["also_matched"] == [{"dpsgd": "dpsgd eps=1000", "epsilon": 1000.0,
+                                  "verdict": "worse"}]
+    units[0] = _unit("gnq-censor tau=8", "mislabel", 0.09)
+    assert matches(arms, units)[0]["verdict"] == "not distinguishable"
+    assert overall_verdict({"a": "better", "b": "not distinguishable"}) == "not distinguishable"
+    assert overall_verdict({"a": "better", "b": "better"}) == "better"
+    assert overall_verdict({"a": "better", "b": "trade-off"}) == "trade-off"
+    assert overall_verdict({"a": "trade-off", "b": "worse"}) == "worse"
